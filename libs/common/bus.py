@@ -1,0 +1,64 @@
+"""NATS request/reply with the retry policy every caller of a worker needs.
+
+No responders or a timeout while a shard moves is retried with exponential backoff and full
+jitter until the caller's deadline. That is safe because every mutating request carries an
+idempotency key which the worker's write script checks atomically with the write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from sessionmgr.common.errors import ServiceUnavailableError, error_from_headers
+
+HEADER_USER = "Sm-User"
+HEADER_ADMIN = "Sm-Admin"
+HEADER_REQUEST_ID = "Sm-Request-Id"
+HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
+HEADER_IF_MATCH = "If-Match"
+HEADER_CLIENT_IP = "Sm-Client-Ip"
+HEADER_READ_ONLY = "Sm-Read-Only"
+
+_BACKOFF_BASE = 0.02
+_BACKOFF_CAP = 0.5
+
+
+async def request(
+    nc: NATS,
+    subject: str,
+    payload: bytes,
+    headers: dict[str, str],
+    *,
+    deadline: float,
+    attempt_timeout: float,
+) -> Msg:
+    """Send until a worker answers, a terminal error comes back, or ``deadline`` (monotonic) passes."""
+    attempt = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServiceUnavailableError("no worker answered before the request deadline")
+        if not nc.is_connected:
+            # Buffering a request while NATS is away would only turn into a timeout: fail fast.
+            raise ServiceUnavailableError("message bus unavailable")
+        try:
+            msg = await nc.request(subject, payload, timeout=min(attempt_timeout, remaining), headers=headers)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            pass
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError):
+            raise ServiceUnavailableError("message bus unavailable") from None
+        else:
+            error = error_from_headers(msg.headers)
+            if error is None:
+                return msg
+            if not error.retryable:
+                raise error
+        attempt += 1
+        delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))

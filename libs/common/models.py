@@ -1,0 +1,167 @@
+"""Wire and storage models. Every payload that crosses a process boundary is one of these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+JsonObject = dict[str, Any]
+
+
+class Session(msgspec.Struct, kw_only=True):
+    """A session as stored in Redis and held in a worker's memory."""
+
+    session_id: str
+    user_id: str
+    state: str
+    version: int
+    created_at: datetime
+    last_updated: datetime
+    expires_at: datetime
+    metadata: JsonObject = {}
+    context: JsonObject = {}
+
+
+class SessionView(msgspec.Struct, kw_only=True):
+    """A session as clients see it (REST and NATS replies)."""
+
+    session_id: str
+    user_id: str
+    state: str
+    version: int
+    created_at: datetime
+    last_updated: datetime
+    expires_at: datetime
+    metadata: JsonObject
+    context: JsonObject
+
+
+def view_of(session: Session) -> SessionView:
+    return SessionView(
+        session_id=session.session_id,
+        user_id=session.user_id,
+        state=session.state,
+        version=session.version,
+        created_at=session.created_at,
+        last_updated=session.last_updated,
+        expires_at=session.expires_at,
+        metadata=session.metadata,
+        context=session.context,
+    )
+
+
+# ---- REST bodies -------------------------------------------------------------------------
+
+
+class CreateSessionBody(msgspec.Struct, forbid_unknown_fields=True):
+    metadata: JsonObject = {}
+
+
+class UpdateSessionBody(msgspec.Struct, forbid_unknown_fields=True):
+    state: str | UnsetType = UNSET
+    metadata: JsonObject | UnsetType = UNSET
+
+
+class ActionBody(msgspec.Struct, forbid_unknown_fields=True):
+    action: str
+    payload: JsonObject = {}
+
+
+class ActionResult(msgspec.Struct, kw_only=True):
+    request_id: str
+    action: str
+    result: Any
+    version: int
+
+
+class SessionPage(msgspec.Struct, kw_only=True):
+    items: list[SessionView]
+    next_cursor: str | None
+
+
+class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    instance: str | None = None
+
+
+# ---- NATS commands (what the gateway or the CLI sends to a worker) -------------------------
+
+
+class CreateSessionCommand(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    user_id: str | None = None  # the gateway sends it as a header; the CLI may put it here
+    metadata: JsonObject = {}
+
+
+class UpdateSessionCommand(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    state: str | UnsetType = UNSET
+    metadata: JsonObject | UnsetType = UNSET
+    expected_version: int | None = None
+
+
+class ListSessionsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    user_id: str
+    limit: int = 50
+    cursor: str | None = None
+
+
+# ---- Cluster membership ------------------------------------------------------------------
+
+
+class Heartbeat(msgspec.Struct, kw_only=True):
+    worker_id: str
+    pid: int
+    host: str
+    started_at: float
+    seq: int
+    sessions: int
+    in_flight: int
+    shards: list[int]
+    draining: bool = False
+
+
+class WorkerBye(msgspec.Struct, kw_only=True):
+    worker_id: str
+
+
+class ShardOwner(msgspec.Struct, kw_only=True, array_like=True):
+    owner: str | None
+    epoch: int
+
+
+class ShardMap(msgspec.Struct, kw_only=True):
+    """The whole map in one KV value so every change is one atomic compare-and-set.
+
+    ``term`` is the supervisor leadership term that wrote it: a deposed leader's write carries an
+    old revision and is rejected by the KV's compare-and-set.
+    """
+
+    term: int
+    shards: list[ShardOwner]
+    updated_at: float
+
+    def owner_of(self, shard: int) -> ShardOwner:
+        return self.shards[shard]
+
+
+class LeaderLease(msgspec.Struct, kw_only=True):
+    holder: str
+    term: int
+    renewed_at: float
+
+
+# Cached codecs: building them per call costs more than the encode itself.
+json_encoder = msgspec.json.Encoder()
+session_decoder = msgspec.json.Decoder(Session)
+session_view_decoder = msgspec.json.Decoder(SessionView)
+heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+shard_map_decoder = msgspec.json.Decoder(ShardMap)
+lease_decoder = msgspec.json.Decoder(LeaderLease)

@@ -1,0 +1,197 @@
+"""One typed settings tree for every service, read once from the environment.
+
+The seed's variable names and defaults are kept (``NODE_ENV``, ``DB_HOST``, ``DB_PORT``,
+``SESSION_TTL``, ``WORKER_COUNT``); every new variable follows the same upper-case style and
+is listed in the README. Invalid values raise :class:`SettingsError` at start-up so a bad
+deployment fails loudly instead of half-working.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import msgspec
+
+DEV_JWT_SECRET = "dev-only-insecure-secret-change-me"
+Environment = Literal["development", "test", "production"]
+_WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    env: Environment = "development"
+    # Redis (the seed called it the database)
+    db_host: str = "localhost"
+    db_port: int = 6379
+    db_password: str | None = None
+    db_index: int = 0
+    redis_max_connections: int = 64
+    # NATS
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str | None = None
+    nats_password: str | None = None
+    # Gateway
+    host: str = "0.0.0.0"
+    port: int = 3000
+    jwt_secret: str = DEV_JWT_SECRET
+    jwt_algorithm: str = "HS256"
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    max_body_bytes: int = 64 * 1024
+    request_timeout: float = 5.0
+    request_attempt_timeout: float = 1.0
+    # Sessions and sharding
+    session_ttl: int = 3600
+    shard_count: int = 64
+    idempotency_ttl: int = 24 * 3600
+    max_metadata_keys: int = 32
+    max_context_bytes: int = 32 * 1024
+    # Workers
+    worker_count: int = 4
+    worker_id: str = ""
+    worker_max_in_flight: int = 256
+    worker_cache_max_sessions: int = 100_000
+    heartbeat_interval: float = 0.5
+    heartbeat_misses: int = 3
+    drain_timeout: float = 5.0
+    # Observability
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    service_name: str = "session-manager"
+
+    @property
+    def is_development(self) -> bool:
+        return self.env in ("development", "test")
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.db_host}:{self.db_port}/{self.db_index}"
+
+    @property
+    def failure_timeout(self) -> float:
+        """How long a worker may stay silent before it is declared dead."""
+        return self.heartbeat_interval * self.heartbeat_misses
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return validate_settings(msgspec.structs.replace(self, **changes))
+
+
+# Environment variable -> field. Kept explicit so the README table and the code agree.
+ENV_VARS: dict[str, str] = {
+    "NODE_ENV": "env",
+    "DB_HOST": "db_host",
+    "DB_PORT": "db_port",
+    "DB_PASSWORD": "db_password",
+    "DB_INDEX": "db_index",
+    "REDIS_MAX_CONNECTIONS": "redis_max_connections",
+    "NATS_URL": "nats_url",
+    "NATS_USER": "nats_user",
+    "NATS_PASSWORD": "nats_password",
+    "HOST": "host",
+    "PORT": "port",
+    "JWT_SECRET": "jwt_secret",
+    "JWT_ALGORITHM": "jwt_algorithm",
+    "JWT_AUDIENCE": "jwt_audience",
+    "JWT_ISSUER": "jwt_issuer",
+    "MAX_BODY_BYTES": "max_body_bytes",
+    "REQUEST_TIMEOUT": "request_timeout",
+    "REQUEST_ATTEMPT_TIMEOUT": "request_attempt_timeout",
+    "SESSION_TTL": "session_ttl",
+    "SHARD_COUNT": "shard_count",
+    "IDEMPOTENCY_TTL": "idempotency_ttl",
+    "MAX_METADATA_KEYS": "max_metadata_keys",
+    "MAX_CONTEXT_BYTES": "max_context_bytes",
+    "WORKER_COUNT": "worker_count",
+    "WORKER_ID": "worker_id",
+    "WORKER_MAX_IN_FLIGHT": "worker_max_in_flight",
+    "WORKER_CACHE_MAX_SESSIONS": "worker_cache_max_sessions",
+    "HEARTBEAT_INTERVAL": "heartbeat_interval",
+    "HEARTBEAT_MISSES": "heartbeat_misses",
+    "DRAIN_TIMEOUT": "drain_timeout",
+    "LOG_LEVEL": "log_level",
+    "LOG_FORMAT": "log_format",
+    "OTEL_SERVICE_NAME": "service_name",
+}
+
+_ENV_ALIASES = {"APP_ENV": "NODE_ENV"}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from the environment; unknown values raise :class:`SettingsError`."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for alias, canonical in _ENV_ALIASES.items():
+        if alias in environ and canonical not in environ:
+            raw[ENV_VARS[canonical]] = environ[alias]
+    for var, field in ENV_VARS.items():
+        value = environ.get(var)
+        if value is not None and value != "":
+            raw[field] = value
+    if raw.get("env") == "dev":
+        raw["env"] = "development"
+    if raw.get("env") == "prod":
+        raw["env"] = "production"
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid setting: {_name_env_var(str(exc))}") from None
+    return validate_settings(settings)
+
+
+def _name_env_var(message: str) -> str:
+    """Rewrite msgspec's ``$.field`` paths into the environment variable the operator set."""
+    for var, field in ENV_VARS.items():
+        message = message.replace(f"`$.{field}`", var)
+    return message
+
+
+def validate_settings(s: Settings) -> Settings:
+    problems: list[str] = []
+
+    def check(ok: bool, problem: str) -> None:
+        if not ok:
+            problems.append(problem)
+
+    check(1 <= s.db_port <= 65535, "DB_PORT must be a TCP port (1-65535)")
+    check(0 <= s.port <= 65535, "PORT must be a TCP port (0-65535)")
+    check(s.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")), "NATS_URL must start with nats:// or tls://")
+    check(1 <= s.session_ttl <= 365 * 24 * 3600, "SESSION_TTL must be between 1 second and 1 year")
+    check(1 <= s.shard_count <= 4096, "SHARD_COUNT must be between 1 and 4096")
+    check(1 <= s.worker_count <= 256, "WORKER_COUNT must be between 1 and 256")
+    check(1 <= s.worker_max_in_flight <= 10_000, "WORKER_MAX_IN_FLIGHT must be between 1 and 10000")
+    check(s.worker_max_in_flight < s.redis_max_connections * 64, "WORKER_MAX_IN_FLIGHT is too high for the Redis pool")
+    check(2 <= s.redis_max_connections <= 1000, "REDIS_MAX_CONNECTIONS must be between 2 and 1000")
+    check(s.worker_cache_max_sessions >= 1, "WORKER_CACHE_MAX_SESSIONS must be at least 1")
+    check(0.05 <= s.heartbeat_interval <= 60, "HEARTBEAT_INTERVAL must be between 0.05 and 60 seconds")
+    check(2 <= s.heartbeat_misses <= 100, "HEARTBEAT_MISSES must be between 2 and 100")
+    check(0.1 <= s.request_timeout <= 120, "REQUEST_TIMEOUT must be between 0.1 and 120 seconds")
+    check(
+        0.05 <= s.request_attempt_timeout <= s.request_timeout,
+        "REQUEST_ATTEMPT_TIMEOUT must be at least 0.05 s and at most REQUEST_TIMEOUT",
+    )
+    check(1024 <= s.max_body_bytes <= 16 * 1024 * 1024, "MAX_BODY_BYTES must be between 1 KiB and 16 MiB")
+    check(60 <= s.idempotency_ttl <= 7 * 24 * 3600, "IDEMPOTENCY_TTL must be between 60 s and 7 days")
+    check(1 <= s.max_metadata_keys <= 1000, "MAX_METADATA_KEYS must be between 1 and 1000")
+    check(256 <= s.max_context_bytes <= 1024 * 1024, "MAX_CONTEXT_BYTES must be between 256 B and 1 MiB")
+    check(0 <= s.drain_timeout <= 120, "DRAIN_TIMEOUT must be between 0 and 120 seconds")
+    check(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    check(s.jwt_algorithm == "HS256", "JWT_ALGORITHM must be HS256 (asymmetric keys come with JWKS support)")
+    check(not s.worker_id or bool(_WORKER_ID_RE.match(s.worker_id)), "WORKER_ID may only hold A-Z a-z 0-9 _ -")
+    if not s.is_development:
+        check(s.jwt_secret != DEV_JWT_SECRET, "JWT_SECRET must be set outside development (NODE_ENV=production)")
+    check(len(s.jwt_secret) >= 16, "JWT_SECRET must be at least 16 characters")
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return s
+
+
+def default_worker_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40]
+    return f"{host}-{os.getpid()}"

@@ -1,0 +1,39 @@
+"""``python -m sessionmgr.gateway``: the HTTP gateway on ``PORT`` (default 3000)."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from sessionmgr.common.logging import configure_logging
+from sessionmgr.common.settings import SettingsError, load_settings
+from sessionmgr.common.tracing import configure_tracing
+from sessionmgr.gateway.app import create_app
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        sys.exit(f"gateway: {exc}")
+    configure_logging(settings, "gateway")
+    provider = configure_tracing(f"{settings.service_name}-gateway")
+    try:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=int(settings.drain_timeout),
+        )
+    finally:
+        provider.shutdown()
+
+
+if __name__ == "__main__":
+    main()

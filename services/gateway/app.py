@@ -1,0 +1,62 @@
+"""The gateway's Litestar app, built by a factory so tests pass their own settings."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar, Response
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from sessionmgr.common.settings import Settings
+from sessionmgr.gateway.auth import TokenVerifier
+from sessionmgr.gateway.problems import EXCEPTION_HANDLERS
+from sessionmgr.gateway.routes import SessionController, healthz, readyz
+from sessionmgr.gateway.state import GatewayState
+from sessionmgr.gateway.telemetry import tracing_middleware
+from sessionmgr.gateway.workers import WorkerClient
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _add_security_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+def create_app(settings: Settings) -> Litestar:
+    workers = WorkerClient(settings)
+    state = GatewayState(settings=settings, verifier=TokenVerifier(settings), workers=workers)
+
+    @asynccontextmanager
+    async def connect_bus(app: Litestar) -> AsyncIterator[None]:
+        await workers.connect()
+        try:
+            yield
+        finally:
+            await workers.close()
+
+    return Litestar(
+        route_handlers=[SessionController, healthz, readyz],
+        lifespan=[connect_bus],
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        middleware=[tracing_middleware],
+        after_request=_add_security_headers,  # type: ignore[arg-type]
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="Session Manager",
+            version="0.1.0",
+            components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT")}),
+            security=[{"bearer": []}],
+        ),
+        state=State({"gateway": state}),
+        debug=False,
+    )

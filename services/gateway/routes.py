@@ -1,0 +1,204 @@
+"""REST routes: authenticate, validate, forward to the session's shard, map the reply to HTTP."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, Request, Response, delete, get, post, put
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+
+from sessionmgr.common import bus, subjects
+from sessionmgr.common.errors import BadRequestError, ForbiddenError, ServiceUnavailableError
+from sessionmgr.common.ids import (
+    is_valid_action,
+    is_valid_idempotency_key,
+    is_valid_session_id,
+    new_request_id,
+    new_session_id,
+    session_id_for_key,
+)
+from sessionmgr.common.models import (
+    ActionBody,
+    ActionResult,
+    CreateSessionBody,
+    CreateSessionCommand,
+    ListSessionsQuery,
+    SessionPage,
+    SessionView,
+    UpdateSessionBody,
+    UpdateSessionCommand,
+    json_encoder,
+)
+from sessionmgr.gateway.auth import Principal
+from sessionmgr.gateway.state import GatewayState
+
+JSON = "application/json"
+HEADER_VERSION = "Sm-Version"
+HEADER_STATUS = "Sm-Status"
+
+
+def _state(request: Request) -> GatewayState:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+def _principal(request: Request) -> Principal:
+    return _state(request).verifier.authenticate(request.headers.get("authorization"))
+
+
+def _writer(request: Request) -> Principal:
+    principal = _principal(request)
+    if not principal.can_write:
+        raise ForbiddenError("this token may only read sessions (scope sessions:read)")
+    return principal
+
+
+def _checked_session_id(session_id: str) -> str:
+    if not is_valid_session_id(session_id):
+        raise BadRequestError("session IDs are 1-64 characters of A-Z a-z 0-9 _ -")
+    return session_id
+
+
+def _base_headers(request: Request, principal: Principal, *, mutating: bool) -> dict[str, str]:
+    headers = {bus.HEADER_USER: principal.user_id, bus.HEADER_REQUEST_ID: new_request_id()}
+    if principal.is_admin:
+        headers[bus.HEADER_ADMIN] = "1"
+    if mutating:
+        key = request.headers.get("idempotency-key")
+        if key is not None and not is_valid_idempotency_key(key):
+            raise BadRequestError("Idempotency-Key must be 1-128 printable ASCII characters")
+        # Without a client key the gateway still makes one, so its own retries never apply twice.
+        headers[bus.HEADER_IDEMPOTENCY_KEY] = key or headers[bus.HEADER_REQUEST_ID]
+    return headers
+
+
+def _if_match(request: Request) -> str | None:
+    raw = request.headers.get("if-match")
+    if raw is None or raw.strip() == "*":
+        return None
+    value = raw.strip().removeprefix("W/").strip('"')
+    if not value.isdigit() or len(value) > 18:
+        raise BadRequestError("If-Match must be a session version, as given in ETag")
+    return value
+
+
+def _reply(msg_data: bytes, headers: dict[str, str] | None, *, extra: dict[str, str] | None = None) -> Response[bytes]:
+    headers = headers or {}
+    status = int(headers.get(HEADER_STATUS, "200"))
+    out = dict(extra or {})
+    if HEADER_VERSION in headers:
+        out["ETag"] = f'"{headers[HEADER_VERSION]}"'
+    if status == 204:
+        return Response(b"", status_code=204, headers=out)
+    return Response(msg_data, status_code=status, media_type=JSON, headers=out)
+
+
+async def _forward(request: Request, session_id: str, op: str, payload: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str] | None]:
+    state = _state(request)
+    subject = subjects.session_subject(session_id, op, state.settings.shard_count)
+    msg = await state.workers.call(subject, payload, headers, op=op)
+    return msg.data, msg.headers
+
+
+class SessionController(Controller):
+    path = "/sessions"
+    tags = ["sessions"]
+
+    @post(
+        "/",
+        summary="Create a session",
+        responses={201: ResponseSpec(data_container=SessionView, description="The new session")},
+    )
+    async def create_session(self, request: Request, data: CreateSessionBody | None = None) -> Response[bytes]:
+        principal = _writer(request)
+        state = _state(request)
+        headers = _base_headers(request, principal, mutating=True)
+        client_key = request.headers.get("idempotency-key")
+        # A retried create must land on the same session: derive its ID from the client's key.
+        session_id = session_id_for_key(state.settings.jwt_secret, principal.user_id, client_key) if client_key else new_session_id()
+        metadata = dict(data.metadata) if data else {}
+        client_version = request.headers.get("x-client-version")
+        if client_version and "client_version" not in metadata:
+            metadata["client_version"] = client_version[:128]
+        if request.client is not None:
+            headers[bus.HEADER_CLIENT_IP] = request.client.host
+        payload = json_encoder.encode(CreateSessionCommand(metadata=metadata))
+        body, reply_headers = await _forward(request, session_id, subjects.OP_CREATE, payload, headers)
+        return _reply(body, reply_headers, extra={"Location": f"/sessions/{session_id}"})
+
+    @get("/", summary="List the caller's sessions", responses={200: ResponseSpec(data_container=SessionPage)})
+    async def list_sessions(
+        self,
+        request: Request,
+        limit: Annotated[int, Parameter(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Parameter(max_length=256)] = None,
+        user_id: Annotated[str | None, Parameter(max_length=128, description="admins only")] = None,
+    ) -> Response[bytes]:
+        principal = _principal(request)
+        owner = principal.user_id
+        if user_id is not None and user_id != principal.user_id:
+            if not principal.is_admin:
+                raise ForbiddenError("listing another user's sessions needs scope sessions:admin")
+            owner = user_id
+        state = _state(request)
+        payload = json_encoder.encode(ListSessionsQuery(user_id=owner, limit=limit, cursor=cursor))
+        msg = await state.workers.call(subjects.QUERY_LIST, payload, {bus.HEADER_USER: principal.user_id}, op="session.list")
+        return _reply(msg.data, msg.headers)
+
+    @get("/{session_id:str}", summary="Get a session", responses={200: ResponseSpec(data_container=SessionView)})
+    async def get_session(self, request: Request, session_id: str) -> Response[bytes]:
+        principal = _principal(request)
+        _checked_session_id(session_id)
+        headers = _base_headers(request, principal, mutating=False)
+        body, reply_headers = await _forward(request, session_id, subjects.OP_GET, b"", headers)
+        return _reply(body, reply_headers)
+
+    @put("/{session_id:str}", summary="Change state or metadata", responses={200: ResponseSpec(data_container=SessionView)})
+    async def update_session(self, request: Request, session_id: str, data: UpdateSessionBody) -> Response[bytes]:
+        principal = _writer(request)
+        _checked_session_id(session_id)
+        headers = _base_headers(request, principal, mutating=True)
+        if_match = _if_match(request)
+        if if_match is not None:
+            headers[bus.HEADER_IF_MATCH] = if_match
+        payload = json_encoder.encode(UpdateSessionCommand(state=data.state, metadata=data.metadata))
+        body, reply_headers = await _forward(request, session_id, subjects.OP_UPDATE, payload, headers)
+        return _reply(body, reply_headers)
+
+    @delete("/{session_id:str}", summary="Terminate a session", status_code=204)
+    async def delete_session(self, request: Request, session_id: str) -> None:
+        principal = _writer(request)
+        _checked_session_id(session_id)
+        headers = _base_headers(request, principal, mutating=True)
+        if_match = _if_match(request)
+        if if_match is not None:
+            headers[bus.HEADER_IF_MATCH] = if_match
+        await _forward(request, session_id, subjects.OP_DELETE, b"", headers)
+
+    @post("/{session_id:str}/request", summary="Run an action in the session", responses={200: ResponseSpec(data_container=ActionResult)})
+    async def run_action(self, request: Request, session_id: str, data: ActionBody) -> Response[bytes]:
+        principal = _principal(request)
+        _checked_session_id(session_id)
+        if not is_valid_action(data.action) or data.action in subjects.SESSION_OPS:
+            raise BadRequestError("action names are dotted lower-case words, for example context.incr")
+        headers = _base_headers(request, principal, mutating=True)
+        if not principal.can_write:
+            headers[bus.HEADER_READ_ONLY] = "1"  # the worker knows which actions change the session
+        body, reply_headers = await _forward(request, session_id, data.action, msgspec.json.encode(data.payload), headers)
+        return _reply(body, reply_headers)
+
+
+@get("/healthz", summary="Process is alive", tags=["health"])
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", summary="NATS and at least one worker reachable", tags=["health"])
+async def readyz(request: Request) -> Response[bytes]:
+    workers = _state(request).workers
+    if not workers.connected:
+        raise ServiceUnavailableError("not connected to NATS")
+    if not workers.workers_alive:
+        raise ServiceUnavailableError("no worker heartbeat within the failure window")
+    return Response(b'{"status":"ready"}', media_type=JSON)

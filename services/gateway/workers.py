@@ -1,0 +1,71 @@
+"""The gateway's side of the bus: sends a session request to its shard and tracks worker liveness."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from opentelemetry import trace
+
+from sessionmgr.common import bus, subjects
+from sessionmgr.common.models import heartbeat_decoder
+from sessionmgr.common.settings import Settings
+from sessionmgr.common.tracing import inject_trace_headers
+
+log = structlog.get_logger(__name__)
+tracer = trace.get_tracer("sessionmgr.gateway")
+
+
+class WorkerClient:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.nc: NATS | None = None
+        self._last_heartbeat = 0.0
+
+    async def connect(self) -> None:
+        self.nc = await nats.connect(
+            self._settings.nats_url,
+            name="gateway",
+            user=self._settings.nats_user,
+            password=self._settings.nats_password,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            connect_timeout=2,
+        )
+        await self.nc.subscribe(f"{subjects.HEARTBEAT_PREFIX}.*", cb=self._on_heartbeat)
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            heartbeat_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        self._last_heartbeat = time.monotonic()
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def workers_alive(self) -> bool:
+        return time.monotonic() - self._last_heartbeat <= self._settings.failure_timeout
+
+    async def call(self, subject: str, payload: bytes, headers: dict[str, str], *, op: str) -> Msg:
+        assert self.nc is not None
+        deadline = time.monotonic() + self._settings.request_timeout
+        with tracer.start_as_current_span(
+            f"sm {op} publish",
+            kind=trace.SpanKind.PRODUCER,
+            attributes={"messaging.system": "nats", "messaging.destination.name": subject, "sm.op": op},
+        ):
+            inject_trace_headers(headers)
+            return await bus.request(
+                self.nc, subject, payload, headers, deadline=deadline, attempt_timeout=self._settings.request_attempt_timeout
+            )

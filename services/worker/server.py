@@ -1,0 +1,309 @@
+"""The worker process: serves the shards it is given, one request per session at a time.
+
+nats-py runs one subscription's callbacks one after another, so the callback only takes a slot
+from a bounded semaphore (back-pressure onto NATS) and hands the message to a tracked task;
+a per-session FIFO lock keeps each session's requests in arrival order while different sessions
+run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from contextlib import AsyncExitStack
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import BucketNotFoundError
+from opentelemetry import trace
+from redis.asyncio import Redis
+
+from sessionmgr.common import bus, subjects
+from sessionmgr.common.errors import (
+    BadRequestError,
+    InternalError,
+    NotOwnerError,
+    SessionManagerError,
+    StorageUnavailableError,
+    error_headers,
+)
+from sessionmgr.common.ids import is_valid_idempotency_key, is_valid_session_id
+from sessionmgr.common.models import Heartbeat, ShardMap, WorkerBye, json_encoder, shard_map_decoder
+from sessionmgr.common.settings import Settings
+from sessionmgr.common.tracing import extract_trace_context
+from sessionmgr.worker.actions import registry
+from sessionmgr.worker.cache import SessionCache
+from sessionmgr.worker.keyed_lock import KeyedLock
+from sessionmgr.worker.sessions import Call, SessionService
+from sessionmgr.worker.shards import ShardOwnership
+from sessionmgr.worker.store import SessionStore
+
+log = structlog.get_logger(__name__)
+tracer = trace.get_tracer("sessionmgr.worker")
+
+HEADER_VERSION = "Sm-Version"
+HEADER_STATUS = "Sm-Status"
+
+
+class Worker:
+    def __init__(self, settings: Settings, worker_id: str) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self._slots = asyncio.Semaphore(settings.worker_max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._locks = KeyedLock()
+        self._cache = SessionCache(settings.worker_cache_max_sessions)
+        self._in_flight = 0
+        self._accepting = True
+        self._last_tick = time.monotonic()
+        self._map_revision = 0
+        self.nc: NATS | None = None
+        self.shards: ShardOwnership | None = None
+        self.service: SessionService | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with AsyncExitStack() as stack:
+            redis = Redis(
+                host=self.settings.db_host,
+                port=self.settings.db_port,
+                password=self.settings.db_password,
+                db=self.settings.db_index,
+                max_connections=self.settings.redis_max_connections,
+                socket_timeout=2.0,
+                socket_connect_timeout=2.0,
+                health_check_interval=5,
+            )
+            stack.push_async_callback(redis.aclose)
+            self.nc = await nats.connect(
+                self.settings.nats_url,
+                name=f"worker-{self.worker_id}",
+                user=self.settings.nats_user,
+                password=self.settings.nats_password,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+            )
+            stack.push_async_callback(self._close_nats)
+            store = SessionStore(redis, shard_count=self.settings.shard_count, idempotency_ttl_ms=self.settings.idempotency_ttl * 1000)
+            self.shards = ShardOwnership(
+                worker_id=self.worker_id,
+                nc=self.nc,
+                store=store,
+                cache=self._cache,
+                on_message=self._on_request,
+                pending_limit=self.settings.worker_max_in_flight * 16,
+            )
+            self.service = SessionService(store=store, cache=self._cache, ownership=self.shards, actions=registry, settings=self.settings)
+            await self.nc.subscribe(subjects.QUERY_LIST, queue=subjects.QUERY_QUEUE, cb=self._on_list)
+            log.info("worker_started", worker_id=self.worker_id, pid=os.getpid())
+            try:
+                async with asyncio.TaskGroup() as group:
+                    beats = group.create_task(self._heartbeat_loop())
+                    watch = group.create_task(self._watch_map())
+                    await stop.wait()
+                    await self._drain()
+                    beats.cancel()
+                    watch.cancel()
+            finally:
+                log.info("worker_stopped", worker_id=self.worker_id)
+
+    async def _close_nats(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def _on_request(self, msg: Msg) -> None:
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._serve(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _serve(self, msg: Msg) -> None:
+        started = time.perf_counter()
+        headers = msg.headers or {}
+        outcome = "ok"
+        error_code = None
+        self._in_flight += 1
+        try:
+            _, session_id, op = subjects.parse_shard_subject(msg.subject)
+            request_id = headers.get(bus.HEADER_REQUEST_ID) or msg.reply.rsplit(".", 1)[-1][:24] or "-"
+            structlog.contextvars.bind_contextvars(session_id=session_id, request_id=request_id, op=op)
+            with tracer.start_as_current_span(
+                f"sm.shard {op}", context=extract_trace_context(headers), kind=trace.SpanKind.CONSUMER,
+                attributes={"messaging.system": "nats", "session.id": session_id, "sm.op": op, "sm.worker_id": self.worker_id},
+            ):
+                try:
+                    call = self._call_from(msg, session_id, op, request_id)
+                    await self._check_lease()
+                    async with self._locks.hold(session_id):
+                        reply = await self.service.handle(call)  # type: ignore[union-attr]
+                    reply_headers = {HEADER_STATUS: str(reply.status)}
+                    if reply.version is not None:
+                        reply_headers[HEADER_VERSION] = str(reply.version)
+                    await self._respond(msg, reply.body, reply_headers)
+                except SessionManagerError as error:
+                    outcome, error_code = "error", error.code
+                    await self._respond(msg, b"", error_headers(error))
+                except (ConnectionError, TimeoutError, OSError) as exc:
+                    outcome, error_code = "error", StorageUnavailableError.code
+                    log.warning("storage_unavailable", error=str(exc))
+                    await self._respond(msg, b"", error_headers(StorageUnavailableError()))
+                except Exception:
+                    outcome, error_code = "error", InternalError.code
+                    log.exception("request_failed")
+                    await self._respond(msg, b"", error_headers(InternalError("internal error")))
+        except ValueError:
+            outcome, error_code = "error", BadRequestError.code
+        finally:
+            self._in_flight -= 1
+            log.info("request_handled", outcome=outcome, error_code=error_code, duration_ms=round((time.perf_counter() - started) * 1000, 2))
+            structlog.contextvars.unbind_contextvars("session_id", "request_id", "op")
+
+    def _call_from(self, msg: Msg, session_id: str, op: str, request_id: str) -> Call:
+        headers = msg.headers or {}
+        if not is_valid_session_id(session_id):
+            raise BadRequestError("session IDs match [A-Za-z0-9_-]{1,64}")
+        idem_key = headers.get(bus.HEADER_IDEMPOTENCY_KEY) or None
+        if idem_key is not None and not is_valid_idempotency_key(idem_key):
+            raise BadRequestError("Idempotency-Key must be 1-128 printable ASCII characters")
+        if_match = headers.get(bus.HEADER_IF_MATCH)
+        try:
+            expected = int(if_match) if if_match else None
+        except ValueError:
+            raise BadRequestError("If-Match must be a session version number") from None
+        return Call(
+            session_id=session_id,
+            op=op,
+            payload=msg.data,
+            user_id=headers.get(bus.HEADER_USER) or None,
+            admin=headers.get(bus.HEADER_ADMIN) == "1",
+            read_only=headers.get(bus.HEADER_READ_ONLY) == "1",
+            request_id=request_id,
+            idem_key=idem_key,
+            if_match=expected,
+            client_ip=headers.get(bus.HEADER_CLIENT_IP) or None,
+        )
+
+    async def _check_lease(self) -> None:
+        """After a stall longer than the failure window our shards may have moved: re-read the map."""
+        if time.monotonic() - self._last_tick <= self.settings.failure_timeout:
+            return
+        log.warning("stalled_rechecking_map", stalled_s=round(time.monotonic() - self._last_tick, 2))
+        if not await self._refresh_map():
+            raise NotOwnerError("worker stalled and cannot confirm shard ownership")
+
+    async def _respond(self, msg: Msg, body: bytes, headers: dict[str, str]) -> None:
+        if not msg.reply:
+            return
+        try:
+            await self.nc.publish(msg.reply, body, headers=headers)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - the caller will time out and retry
+            log.warning("reply_failed", exc_info=True)
+
+    async def _on_list(self, msg: Msg) -> None:
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._serve_list(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._request_done)
+
+    async def _serve_list(self, msg: Msg) -> None:
+        try:
+            body = await self.service.list_sessions(msg.data)  # type: ignore[union-attr]
+            await self._respond(msg, body, {HEADER_STATUS: "200"})
+        except SessionManagerError as error:
+            await self._respond(msg, b"", error_headers(error))
+        except (ConnectionError, TimeoutError, OSError):
+            await self._respond(msg, b"", error_headers(StorageUnavailableError()))
+
+    # ---- membership -------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        seq = 0
+        started_at = time.time()
+        host = socket.gethostname()
+        while True:
+            self._last_tick = time.monotonic()
+            seq += 1
+            beat = Heartbeat(
+                worker_id=self.worker_id,
+                pid=os.getpid(),
+                host=host,
+                started_at=started_at,
+                seq=seq,
+                sessions=len(self._cache),
+                in_flight=self._in_flight,
+                shards=self.shards.shards if self._accepting else [],  # type: ignore[union-attr]
+                draining=not self._accepting,
+            )
+            try:
+                await self.nc.publish(subjects.heartbeat_subject(self.worker_id), json_encoder.encode(beat))  # type: ignore[union-attr]
+            except Exception:  # noqa: BLE001 - a missed beat while NATS reconnects is expected
+                log.debug("heartbeat_failed", exc_info=True)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _watch_map(self) -> None:
+        """Follow the shard map; the watcher is re-created if NATS drops it."""
+        while True:
+            try:
+                kv = await self._shard_map_bucket()
+                watcher = await kv.watch(subjects.SHARD_MAP_KEY)
+                async for entry in watcher:
+                    if entry is None or not entry.value:
+                        continue
+                    await self._apply(shard_map_decoder.decode(entry.value), entry.revision)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep following the map through NATS restarts
+                log.warning("shard_map_watch_failed", exc_info=True)
+                await asyncio.sleep(0.5)
+
+    async def _shard_map_bucket(self):  # type: ignore[no-untyped-def]
+        js = self.nc.jetstream()  # type: ignore[union-attr]
+        while True:
+            try:
+                return await js.key_value(subjects.SHARD_MAP_BUCKET)
+            except BucketNotFoundError:
+                await asyncio.sleep(0.2)  # the supervisor creates it
+
+    async def _refresh_map(self) -> bool:
+        try:
+            kv = await self._shard_map_bucket()
+            entry = await asyncio.wait_for(kv.get(subjects.SHARD_MAP_KEY), timeout=1.0)
+            await self._apply(shard_map_decoder.decode(entry.value), entry.revision)
+            self._last_tick = time.monotonic()
+            return True
+        except Exception:  # noqa: BLE001
+            log.warning("shard_map_refresh_failed", exc_info=True)
+            return False
+
+    async def _apply(self, shard_map: ShardMap, revision: int) -> None:
+        # The watcher and a post-stall refresh can both deliver; never go back to an older map.
+        if revision <= self._map_revision:
+            return
+        self._map_revision = revision
+        await self.shards.apply_map(shard_map)  # type: ignore[union-attr]
+
+    async def _drain(self) -> None:
+        """Graceful stop: say goodbye so the supervisor moves our shards now, then finish in-flight work."""
+        self._accepting = False
+        log.info("worker_draining", worker_id=self.worker_id, in_flight=self._in_flight)
+        try:
+            await self.nc.publish(subjects.bye_subject(self.worker_id), json_encoder.encode(WorkerBye(worker_id=self.worker_id)))  # type: ignore[union-attr]
+            await self.nc.flush(timeout=1)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001
+            log.warning("bye_failed", exc_info=True)
+        deadline = time.monotonic() + self.settings.drain_timeout
+        # Keep serving until the supervisor has given every shard away (or the grace period ends).
+        await self.shards.wait_empty(timeout=self.settings.drain_timeout)  # type: ignore[union-attr]
+        await self.shards.release_all()  # type: ignore[union-attr]
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.1, deadline - time.monotonic()))
+

@@ -1,0 +1,313 @@
+"""Session operations as the owning worker runs them: validate, apply, persist, then answer.
+
+Every change is computed on a copy, written with one fenced compare-and-set script, and only
+then made visible in memory and acknowledged. Callers serialise calls per session.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import msgspec
+from opentelemetry import trace
+
+from sessionmgr.common import subjects
+from sessionmgr.common.errors import (
+    BadRequestError,
+    ForbiddenError,
+    IdempotencyConflictError,
+    LimitExceededError,
+    NotOwnerError,
+    SessionExistsError,
+    SessionManagerError,
+    SessionNotFoundError,
+    ValidationFailedError,
+    VersionMismatchError,
+)
+from sessionmgr.common.models import (
+    ActionResult,
+    CreateSessionCommand,
+    ListSessionsQuery,
+    Session,
+    SessionPage,
+    UpdateSessionCommand,
+    json_encoder,
+    view_of,
+)
+from sessionmgr.common.settings import Settings
+from sessionmgr.common.validation import check_metadata
+from sessionmgr.worker.actions import ActionRegistry
+from sessionmgr.worker.cache import SessionCache
+from sessionmgr.worker.lifecycle import INITIAL_STATE, check_transition
+from sessionmgr.worker.store import ABSENT, IdempotencyRecord, SessionStore, decode_record
+
+tracer = trace.get_tracer("sessionmgr.worker")
+
+_create_decoder = msgspec.json.Decoder(CreateSessionCommand)
+_update_decoder = msgspec.json.Decoder(UpdateSessionCommand)
+_list_decoder = msgspec.json.Decoder(ListSessionsQuery)
+_any_decoder = msgspec.json.Decoder()
+_MAX_VERSION_RETRIES = 3
+
+
+class Ownership(Protocol):
+    def epoch_of(self, shard: int) -> int | None: ...
+
+    def fenced(self, shard: int, epoch_in_force: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Call:
+    session_id: str
+    op: str
+    payload: bytes
+    user_id: str | None  # None: a trusted operator on the NATS CLI subjects
+    admin: bool
+    request_id: str
+    idem_key: str | None = None
+    read_only: bool = False
+    if_match: int | None = None
+    client_ip: str | None = None
+
+    def may_access(self, session: Session) -> bool:
+        return self.admin or self.user_id is None or self.user_id == session.user_id
+
+
+@dataclass(slots=True)
+class Reply:
+    body: bytes
+    version: int | None
+    status: int = 200
+
+
+Compute = Callable[[Session | None], tuple[Session | None, bytes, int]]
+
+
+def _decode(decoder: msgspec.json.Decoder, payload: bytes) -> Any:
+    try:
+        return decoder.decode(payload or b"{}")
+    except msgspec.ValidationError as exc:
+        raise ValidationFailedError(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequestError(f"malformed JSON: {exc}") from None
+
+
+class SessionService:
+    def __init__(self, *, store: SessionStore, cache: SessionCache, ownership: Ownership, actions: ActionRegistry, settings: Settings) -> None:
+        self._store = store
+        self._cache = cache
+        self._ownership = ownership
+        self._actions = actions
+        self._settings = settings
+        self._ttl = timedelta(seconds=settings.session_ttl)
+
+    async def handle(self, call: Call) -> Reply:
+        if call.op == subjects.OP_GET:
+            return await self._get(call)
+        if call.op == subjects.OP_CREATE:
+            return await self._mutate(call, self._compute_create(call))
+        if call.op == subjects.OP_UPDATE:
+            return await self._mutate(call, self._compute_update(call))
+        if call.op == subjects.OP_DELETE:
+            return await self._mutate(call, self._compute_delete(call))
+        return await self._run_action(call)
+
+    # ---- reads --------------------------------------------------------------------------
+
+    async def _current(self, session_id: str) -> Session | None:
+        session = self._cache.get(session_id)
+        if session is None:
+            with tracer.start_as_current_span("redis HGET", kind=trace.SpanKind.CLIENT, attributes={"db.system": "redis"}):
+                session = await self._store.load(session_id)
+            if session is None:
+                return None
+            self._cache.put(session)
+        if session.expires_at <= datetime.now(UTC):
+            self._cache.evict(session_id)
+            return None
+        return session
+
+    async def _visible(self, call: Call) -> Session:
+        session = await self._current(call.session_id)
+        if session is None or not call.may_access(session):
+            raise SessionNotFoundError(f"no session {call.session_id!r}")
+        return session
+
+    async def _get(self, call: Call) -> Reply:
+        self._require_owner(call.session_id)
+        session = await self._visible(call)
+        return Reply(json_encoder.encode(view_of(session)), session.version)
+
+    async def list_sessions(self, payload: bytes) -> bytes:
+        query: ListSessionsQuery = _decode(_list_decoder, payload)
+        if not 1 <= query.limit <= 200:
+            raise ValidationFailedError("limit must be between 1 and 200")
+        try:
+            sessions, cursor = await self._store.list_user_sessions(query.user_id, query.limit, query.cursor)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequestError("invalid cursor") from None
+        return json_encoder.encode(SessionPage(items=[view_of(s) for s in sessions], next_cursor=cursor))
+
+    # ---- changes ------------------------------------------------------------------------
+
+    def _compute_create(self, call: Call) -> Compute:
+        command: CreateSessionCommand = _decode(_create_decoder, call.payload)
+        user_id = call.user_id or command.user_id
+        if not user_id:
+            raise ValidationFailedError("user_id is required")
+        metadata = dict(command.metadata)
+        if call.client_ip:
+            metadata["ip_address"] = call.client_ip
+        check_metadata(metadata, max_keys=self._settings.max_metadata_keys)
+
+        def compute(current: Session | None) -> tuple[Session | None, bytes, int]:
+            if current is not None:
+                raise SessionExistsError(f"session {call.session_id!r} already exists")
+            now = datetime.now(UTC)
+            session = Session(
+                session_id=call.session_id,
+                user_id=user_id,
+                state=INITIAL_STATE,
+                version=1,
+                created_at=now,
+                last_updated=now,
+                expires_at=now + self._ttl,
+                metadata=metadata,
+                context={},
+            )
+            return session, json_encoder.encode(view_of(session)), 201
+
+        return compute
+
+    def _compute_update(self, call: Call) -> Compute:
+        command: UpdateSessionCommand = _decode(_update_decoder, call.payload)
+        expected = call.if_match if call.if_match is not None else command.expected_version
+
+        def compute(current: Session | None) -> tuple[Session | None, bytes, int]:
+            if current is None or not call.may_access(current):
+                raise SessionNotFoundError(f"no session {call.session_id!r}")
+            if expected is not None and expected != current.version:
+                raise VersionMismatchError(f"session is at version {current.version}, If-Match asked for {expected}")
+            state = current.state
+            if command.state is not msgspec.UNSET:
+                check_transition(current.state, command.state)
+                state = command.state
+            metadata = current.metadata
+            if command.metadata is not msgspec.UNSET:
+                metadata = {**current.metadata, **command.metadata}
+                metadata = {k: v for k, v in metadata.items() if v is not None}
+                check_metadata(metadata, max_keys=self._settings.max_metadata_keys)
+            session = self._next_version(current, state=state, metadata=metadata)
+            return session, json_encoder.encode(view_of(session)), 200
+
+        return compute
+
+    def _compute_delete(self, call: Call) -> Compute:
+        def compute(current: Session | None) -> tuple[Session | None, bytes, int]:
+            if current is None or not call.may_access(current):
+                raise SessionNotFoundError(f"no session {call.session_id!r}")
+            if call.if_match is not None and call.if_match != current.version:
+                raise VersionMismatchError(f"session is at version {current.version}, If-Match asked for {call.if_match}")
+            return None, b"", 204
+
+        return compute
+
+    async def _run_action(self, call: Call) -> Reply:
+        action = self._actions.get(call.op)
+        if action.mutates and call.read_only:
+            raise ForbiddenError(f"action {action.name!r} changes the session; this token may only read")
+        payload = _decode(_any_decoder, call.payload)
+        if not action.mutates:
+            self._require_owner(call.session_id)
+            session = await self._visible(call)
+            result = action.handler(copy.deepcopy(session.context), payload)
+            body = ActionResult(request_id=call.request_id, action=action.name, result=result, version=session.version)
+            return Reply(json_encoder.encode(body), session.version)
+
+        def compute(current: Session | None) -> tuple[Session | None, bytes, int]:
+            if current is None or not call.may_access(current):
+                raise SessionNotFoundError(f"no session {call.session_id!r}")
+            context = copy.deepcopy(current.context)
+            result = action.handler(context, payload)
+            if len(json_encoder.encode(context)) > self._settings.max_context_bytes:
+                raise LimitExceededError(f"session context would exceed {self._settings.max_context_bytes} bytes")
+            session = self._next_version(current, context=context)
+            body = ActionResult(request_id=call.request_id, action=action.name, result=result, version=session.version)
+            return session, json_encoder.encode(body), 200
+
+        return await self._mutate(call, compute)
+
+    def _next_version(self, current: Session, **changes: Any) -> Session:
+        now = datetime.now(UTC)
+        return msgspec.structs.replace(current, version=current.version + 1, last_updated=now, expires_at=now + self._ttl, **changes)
+
+    def _require_owner(self, session_id: str) -> tuple[int, int]:
+        shard = self._store.shard_of(session_id)
+        epoch = self._ownership.epoch_of(shard)
+        if epoch is None:
+            raise NotOwnerError(f"this worker does not own shard {shard}")
+        return shard, epoch
+
+    async def _mutate(self, call: Call, compute: Compute) -> Reply:
+        body_hash = hashlib.blake2b(call.op.encode() + b"\x00" + call.payload, digest_size=16).hexdigest()
+        for _ in range(_MAX_VERSION_RETRIES):
+            shard, epoch = self._require_owner(call.session_id)
+            current = await self._current(call.session_id)
+            try:
+                new, body, status = compute(current)
+            except SessionManagerError:
+                # A retry whose first attempt succeeded can now fail validation (the state moved on):
+                # the stored result, not the error, is the answer.
+                replay = await self._replay(call, body_hash)
+                if replay is not None:
+                    return replay
+                raise
+            version = new.version if new is not None else (current.version + 1 if current else 0)
+            record = IdempotencyRecord(body_hash, body, version) if call.idem_key else None
+            if current is None and new is not None:
+                await self._store.index_add(new)  # the user index is a superset; listings prune it
+            with tracer.start_as_current_span("redis EVALSHA write_session", kind=trace.SpanKind.CLIENT, attributes={"db.system": "redis"}):
+                outcome = await self._store.write(
+                    shard=shard,
+                    epoch=epoch,
+                    session_id=call.session_id,
+                    expected_version=current.version if current else ABSENT,
+                    session=new,
+                    ttl_ms=self._settings.session_ttl * 1000,
+                    idem_key=call.idem_key,
+                    record=record,
+                )
+            if outcome.status == "OK":
+                if new is None:
+                    self._cache.evict(call.session_id)
+                    if current is not None:
+                        await self._store.index_remove(current)
+                else:
+                    self._cache.put(new)
+                return Reply(body, new.version if new else None, status)
+            if outcome.status == "DUP":
+                return self._replay_record(call, body_hash, decode_record(outcome.detail or b""))
+            if outcome.status == "FENCED":
+                self._cache.evict(call.session_id)
+                self._ownership.fenced(shard, int(outcome.detail or 0))
+                raise NotOwnerError(f"shard {shard} now belongs to a newer owner")
+            # VERSION: our copy is older than Redis (a missed handoff or an expiry); reload and retry.
+            self._cache.evict(call.session_id)
+        raise NotOwnerError("session changed under this worker; retry")
+
+    async def _replay(self, call: Call, body_hash: str) -> Reply | None:
+        if not call.idem_key:
+            return None
+        record = await self._store.idempotency_record(call.session_id, call.idem_key)
+        return None if record is None else self._replay_record(call, body_hash, record)
+
+    def _replay_record(self, call: Call, body_hash: str, record: IdempotencyRecord) -> Reply:
+        if record.body_hash != body_hash:
+            raise IdempotencyConflictError(f"Idempotency-Key {call.idem_key!r} was first used with a different request")
+        status = 204 if not record.reply else (201 if call.op == subjects.OP_CREATE else 200)
+        return Reply(record.reply, record.version, status)

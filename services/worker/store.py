@@ -1,0 +1,201 @@
+"""Durable session state in Redis, written only through fenced compare-and-set Lua scripts.
+
+Keys carry the shard as their hash tag (``sm:{<p>}:...``) so the fencing epoch, the session and
+its idempotency record share one cluster slot and one script can check and write them all
+atomically; ARCHITECTURE.md's per-session tag could not fence in one script under Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import msgspec
+from redis.asyncio import Redis
+
+from sessionmgr.common.hashing import shard_for
+from sessionmgr.common.models import Session, json_encoder, session_decoder
+
+_WRITE_SCRIPT = """
+local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) < fence then return {'FENCED', tostring(fence)} end
+if ARGV[6] ~= '' then
+  local prior = redis.call('GET', KEYS[3])
+  if prior then return {'DUP', prior} end
+end
+local current = tonumber(redis.call('HGET', KEYS[2], 'v') or '-1')
+if current ~= tonumber(ARGV[2]) then return {'VERSION', tostring(current)} end
+if ARGV[3] == '0' then
+  redis.call('DEL', KEYS[2])
+  redis.call('SREM', KEYS[4], ARGV[8])
+else
+  redis.call('HSET', KEYS[2], 'v', ARGV[3], 'd', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  redis.call('SADD', KEYS[4], ARGV[8])
+end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7]) end
+return {'OK'}
+"""
+
+# Raise the shard's epoch to ours unless someone already holds a newer one; returns the epoch in force.
+_ACQUIRE_SCRIPT = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local wanted = tonumber(ARGV[1])
+if wanted > current then redis.call('SET', KEYS[1], wanted); return wanted end
+return current
+"""
+
+ABSENT = -1
+
+
+def epoch_key(shard: int) -> str:
+    return f"sm:{{{shard}}}:epoch"
+
+
+def session_key(shard: int, session_id: str) -> str:
+    return f"sm:{{{shard}}}:s:{session_id}"
+
+
+def idempotency_key(shard: int, session_id: str, key: str) -> str:
+    return f"sm:{{{shard}}}:idem:{session_id}:{key}"
+
+
+def shard_index_key(shard: int) -> str:
+    return f"sm:{{{shard}}}:sessions"
+
+
+def user_index_key(user_id: str) -> str:
+    return f"sm:user:{{{user_id}}}:sessions"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    status: str  # OK | DUP | VERSION | FENCED
+    detail: bytes | None = None
+
+
+class IdempotencyRecord(msgspec.Struct, array_like=True):
+    body_hash: str
+    reply: bytes
+    version: int
+
+
+_record_decoder = msgspec.json.Decoder(IdempotencyRecord)
+
+
+def encode_record(record: IdempotencyRecord) -> bytes:
+    return json_encoder.encode(record)
+
+
+def decode_record(raw: bytes) -> IdempotencyRecord:
+    return _record_decoder.decode(raw)
+
+
+class SessionStore:
+    def __init__(self, redis: Redis, *, shard_count: int, idempotency_ttl_ms: int) -> None:
+        self._redis = redis
+        self._shard_count = shard_count
+        self._idem_ttl_ms = idempotency_ttl_ms
+        self._write = redis.register_script(_WRITE_SCRIPT)
+        self._acquire = redis.register_script(_ACQUIRE_SCRIPT)
+
+    def shard_of(self, session_id: str) -> int:
+        return shard_for(session_id, self._shard_count)
+
+    async def acquire_epoch(self, shard: int, epoch: int) -> int:
+        """Fence older owners out of ``shard``; returns the epoch now in force (> ours: we are stale)."""
+        return int(await self._acquire(keys=[epoch_key(shard)], args=[epoch]))
+
+    async def load(self, session_id: str) -> Session | None:
+        raw = await self._redis.hget(session_key(self.shard_of(session_id), session_id), "d")
+        return None if raw is None else session_decoder.decode(raw)
+
+    async def load_many(self, session_ids: list[str]) -> list[Session | None]:
+        if not session_ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for sid in session_ids:
+            pipe.hget(session_key(self.shard_of(sid), sid), "d")
+        raws = await pipe.execute()
+        return [None if raw is None else session_decoder.decode(raw) for raw in raws]
+
+    async def shard_session_ids(self, shard: int, limit: int) -> list[str]:
+        members = await self._redis.srandmember(shard_index_key(shard), limit)
+        return [m.decode() for m in members or []]
+
+    async def write(
+        self,
+        *,
+        shard: int,
+        epoch: int,
+        session_id: str,
+        expected_version: int,
+        session: Session | None,
+        ttl_ms: int,
+        idem_key: str | None,
+        record: IdempotencyRecord | None,
+    ) -> WriteOutcome:
+        """Persist ``session`` (or delete it when ``None``) if our epoch and its version still hold."""
+        idem = idempotency_key(shard, session_id, idem_key) if idem_key else idempotency_key(shard, session_id, "-")
+        result = await self._write(
+            keys=[epoch_key(shard), session_key(shard, session_id), idem, shard_index_key(shard)],
+            args=[
+                epoch,
+                expected_version,
+                0 if session is None else session.version,
+                b"" if session is None else json_encoder.encode(session),
+                ttl_ms,
+                encode_record(record) if (idem_key and record) else b"",
+                self._idem_ttl_ms,
+                session_id,
+            ],
+        )
+        status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+        return WriteOutcome(status, result[1] if len(result) > 1 else None)
+
+    async def idempotency_record(self, session_id: str, key: str) -> IdempotencyRecord | None:
+        raw = await self._redis.get(idempotency_key(self.shard_of(session_id), session_id, key))
+        return None if raw is None else decode_record(raw)
+
+    # ---- per-user index (its own slot; a superset of the live sessions, pruned lazily) ----
+
+    async def index_add(self, session: Session) -> None:
+        await self._redis.zadd(user_index_key(session.user_id), {_index_member(session): 0})
+
+    async def index_remove(self, session: Session) -> None:
+        await self._redis.zrem(user_index_key(session.user_id), _index_member(session))
+
+    async def list_user_sessions(self, user_id: str, limit: int, cursor: str | None) -> tuple[list[Session], str | None]:
+        key = user_index_key(user_id)
+        start = b"-" if cursor is None else b"(" + base64.urlsafe_b64decode(cursor.encode() + b"==")
+        sessions: list[Session] = []
+        last_member: bytes | None = None
+        # Pages skip members whose session expired; bound the number of index reads per call.
+        for _ in range(5):
+            members = await self._redis.zrangebylex(key, start, b"+", start=0, num=limit - len(sessions) + 1)
+            if not members:
+                break
+            ids = [m.decode().split(":", 1)[1] for m in members]
+            loaded = await self.load_many(ids)
+            dead = []
+            for member, session in zip(members, loaded, strict=True):
+                if session is None:
+                    dead.append(member)
+                    continue
+                if len(sessions) == limit:
+                    return sessions, _cursor(last_member)
+                sessions.append(session)
+                last_member = member
+            if dead:
+                await self._redis.zrem(key, *dead)
+            start = b"(" + members[-1]
+        return sessions, None
+
+
+def _index_member(session: Session) -> str:
+    # Lexical order of "<created ms>:<id>" is creation order, so pages are stable.
+    return f"{int(session.created_at.timestamp() * 1000):013d}:{session.session_id}"
+
+
+def _cursor(member: bytes | None) -> str | None:
+    return None if member is None else base64.urlsafe_b64encode(member).rstrip(b"=").decode()
