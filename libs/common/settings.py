@@ -186,7 +186,7 @@ def validate_settings(s: Settings) -> Settings:
     check(not s.worker_id or bool(_WORKER_ID_RE.match(s.worker_id)), "WORKER_ID may only hold A-Z a-z 0-9 _ -")
     if not s.is_development:
         check(s.jwt_secret != DEV_JWT_SECRET, "JWT_SECRET must be set outside development (NODE_ENV=production)")
-    check(len(s.jwt_secret) >= 16, "JWT_SECRET must be at least 16 characters")
+    check(len(s.jwt_secret) >= 32, "JWT_SECRET must be at least 32 characters (RFC 7518 wants 256-bit HS256 keys)")
     if problems:
         raise SettingsError("; ".join(problems))
     return s
