@@ -7,7 +7,7 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, JSONBody, Parameter
 
 from sessionmgr.common import bus, subjects
 from sessionmgr.common.errors import BadRequestError, ForbiddenError, ServiceUnavailableError
@@ -110,7 +110,7 @@ class SessionController(Controller):
         summary="Create a session",
         responses={201: ResponseSpec(data_container=SessionView, description="The new session")},
     )
-    async def create_session(self, request: Request, data: CreateSessionBody | None = None) -> Response[bytes]:
+    async def create_session(self, request: Request, data: JSONBody[CreateSessionBody | None] = None) -> Response[bytes]:
         principal = _writer(request)
         state = _state(request)
         headers = _base_headers(request, principal, mutating=True)
@@ -155,7 +155,7 @@ class SessionController(Controller):
         return _reply(body, reply_headers)
 
     @put("/{session_id:str}", summary="Change state or metadata", responses={200: ResponseSpec(data_container=SessionView)})
-    async def update_session(self, request: Request, session_id: FromPath[str], data: UpdateSessionBody) -> Response[bytes]:
+    async def update_session(self, request: Request, session_id: FromPath[str], data: JSONBody[UpdateSessionBody]) -> Response[bytes]:
         principal = _writer(request)
         _checked_session_id(session_id)
         headers = _base_headers(request, principal, mutating=True)
@@ -177,7 +177,7 @@ class SessionController(Controller):
         await _forward(request, session_id, subjects.OP_DELETE, b"", headers)
 
     @post("/{session_id:str}/request", summary="Run an action in the session", responses={200: ResponseSpec(data_container=ActionResult)})
-    async def run_action(self, request: Request, session_id: FromPath[str], data: ActionBody) -> Response[bytes]:
+    async def run_action(self, request: Request, session_id: FromPath[str], data: JSONBody[ActionBody]) -> Response[bytes]:
         principal = _principal(request)
         _checked_session_id(session_id)
         if not is_valid_action(data.action) or data.action in subjects.SESSION_OPS:
