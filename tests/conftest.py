@@ -72,3 +72,41 @@ def headers(user: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+async def isolated_servers(tmp_path: Path) -> AsyncIterator[Servers]:
+    """Servers of this test's own, for tests that kill, pause or restart things."""
+    srv = Servers(root=tmp_path).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+async def make_cluster(isolated_servers: Servers) -> AsyncIterator:
+    """Factory: ``await make_cluster(workers=4, supervisors=1, **settings)`` -> (Cluster, HeartbeatWatch, nc)."""
+    clusters: list[Cluster] = []
+    async with nats_client(isolated_servers.nats_url) as nc:
+        watches: list[HeartbeatWatch] = []
+
+        async def start(workers: int = 2, supervisors: int = 1, **overrides: object):  # type: ignore[no-untyped-def]
+            settings = isolated_servers.settings(**overrides)
+            cl = Cluster(isolated_servers, settings)
+            clusters.append(cl)
+            for _ in range(supervisors):
+                cl.start_supervisor()
+            names = {cl.start_worker() for _ in range(workers)}
+            watch = await HeartbeatWatch(nc, settings.failure_timeout).start()
+            watches.append(watch)
+            await watch.wait_covered(settings.shard_count, names)
+            return cl, watch, nc
+
+        try:
+            yield start
+        finally:
+            for watch in watches:
+                await watch.stop()
+            for cl in clusters:
+                cl.stop()

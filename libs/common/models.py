@@ -135,6 +135,9 @@ class WorkerBye(msgspec.Struct, kw_only=True):
 class ShardOwner(msgspec.Struct, kw_only=True, array_like=True):
     owner: str | None
     epoch: int
+    # The live worker the shard is moving away from: the new owner asks it to finish and
+    # release first. None after a death (nobody to wait for; the epoch fences it anyway).
+    previous: str | None = None
 
 
 class ShardMap(msgspec.Struct, kw_only=True):
@@ -147,9 +150,52 @@ class ShardMap(msgspec.Struct, kw_only=True):
     term: int
     shards: list[ShardOwner]
     updated_at: float
+    drained: list[str] = []  # operators drained these workers: they get no shards
+    pinned: dict[int, str] = {}  # operator moves: shard -> worker, honoured while it is live
 
     def owner_of(self, shard: int) -> ShardOwner:
         return self.shards[shard]
+
+
+class ReleaseShard(msgspec.Struct, kw_only=True):
+    """New owner -> old owner: stop intake, finish in-flight requests, let go, then reply."""
+
+    shard: int
+    epoch: int
+
+
+class WorkerInfo(msgspec.Struct, kw_only=True):
+    worker_id: str
+    pid: int
+    host: str
+    shards: list[int]
+    sessions: int
+    in_flight: int
+    draining: bool
+    last_heartbeat_age_s: float
+    live: bool
+
+
+class ClusterStatus(msgspec.Struct, kw_only=True):
+    leader: str
+    term: int
+    workers: list[WorkerInfo]
+    shard_map: ShardMap
+
+
+class DrainWorker(msgspec.Struct, kw_only=True):
+    worker_id: str
+    undrain: bool = False
+
+
+class MoveShard(msgspec.Struct, kw_only=True):
+    shard: int
+    worker_id: str
+
+
+class AdminReply(msgspec.Struct, kw_only=True):
+    ok: bool
+    detail: str
 
 
 class LeaderLease(msgspec.Struct, kw_only=True):

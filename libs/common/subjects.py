@@ -5,6 +5,8 @@ CLI subjects:      ``sessions.<session_id>.<op>``, mapped by nats.conf onto the 
 Heartbeats:        ``sm.hb.<worker_id>``; graceful leave: ``sm.bye.<worker_id>``
 Queries:           ``sm.query.list`` (any worker, queue group ``query``)
 Events:            ``sm.events.<session_id>.<type>``
+Worker control:    ``sm.ctl.<worker_id>.release`` (shard handoff)
+Operator (leader): ``sm.admin.status``, ``sm.admin.drain``, ``sm.admin.move``
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ EVENTS_PREFIX = "sm.events"
 SHARD_MAP_BUCKET = "sm-shard-map"
 SHARD_MAP_KEY = "map"
 LEADER_KEY = "leader"
+ADMIN_STATUS = "sm.admin.status"
+ADMIN_DRAIN = "sm.admin.drain"
+ADMIN_MOVE = "sm.admin.move"
 
 # Operations on the session itself; everything else after the session ID is a request action.
 OP_CREATE = "session.create"
@@ -60,6 +65,10 @@ def heartbeat_subject(worker_id: str) -> str:
 
 def bye_subject(worker_id: str) -> str:
     return f"{BYE_PREFIX}.{worker_id}"
+
+
+def release_subject(worker_id: str) -> str:
+    return f"sm.ctl.{worker_id}.release"
 
 
 def event_subject(session_id: str, event_type: str) -> str:

@@ -39,6 +39,11 @@ class Membership:
             if now - state.last_seen <= self._failure_timeout and not state.heartbeat.draining
         )
 
+    def alive(self, now: float | None = None) -> set[str]:
+        """Workers heard from within the window, draining ones included."""
+        now = time.monotonic() if now is None else now
+        return {wid for wid, state in self._workers.items() if now - state.last_seen <= self._failure_timeout}
+
     def forget_dead(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now
         dead = [wid for wid, s in self._workers.items() if now - s.last_seen > 10 * self._failure_timeout]

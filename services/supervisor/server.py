@@ -17,7 +17,17 @@ from nats.js.kv import KeyValue
 from opentelemetry import trace
 
 from sessionmgr.common import subjects
-from sessionmgr.common.models import ShardMap, heartbeat_decoder, json_encoder, shard_map_decoder
+from sessionmgr.common.models import (
+    AdminReply,
+    ClusterStatus,
+    DrainWorker,
+    MoveShard,
+    ShardMap,
+    WorkerInfo,
+    heartbeat_decoder,
+    json_encoder,
+    shard_map_decoder,
+)
 from sessionmgr.common.settings import Settings
 from sessionmgr.supervisor.assignment import initial_map, reassign
 from sessionmgr.supervisor.lease import LeaderLeaseHolder
@@ -25,7 +35,8 @@ from sessionmgr.supervisor.membership import Membership
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("sessionmgr.supervisor")
-_bye_decoder = msgspec.json.Decoder(dict)
+_drain_decoder = msgspec.json.Decoder(DrainWorker)
+_move_decoder = msgspec.json.Decoder(MoveShard)
 
 
 class Supervisor:
@@ -37,6 +48,9 @@ class Supervisor:
         self._map: ShardMap | None = None
         self._map_revision = 0
         self._changed = asyncio.Event()
+        self._map_lock = asyncio.Lock()
+        self._kv: KeyValue | None = None
+        self._lease: LeaderLeaseHolder | None = None
         self.nc: NATS | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -50,11 +64,14 @@ class Supervisor:
                 reconnect_time_wait=0.25,
             )
             stack.push_async_callback(self.nc.drain)
-            kv = await self._bucket()
-            lease = LeaderLeaseHolder(kv, self.supervisor_id, ttl=self.settings.failure_timeout)
+            kv = self._kv = await self._bucket()
+            lease = self._lease = LeaderLeaseHolder(kv, self.supervisor_id, ttl=self.settings.failure_timeout)
             stack.push_async_callback(lease.resign)
             await self.nc.subscribe(f"{subjects.HEARTBEAT_PREFIX}.*", cb=self._on_heartbeat)
             await self.nc.subscribe(f"{subjects.BYE_PREFIX}.*", cb=self._on_bye)
+            await self.nc.subscribe(subjects.ADMIN_STATUS, cb=self._on_status)
+            await self.nc.subscribe(subjects.ADMIN_DRAIN, cb=self._on_drain)
+            await self.nc.subscribe(subjects.ADMIN_MOVE, cb=self._on_move)
             log.info("supervisor_started", supervisor_id=self.supervisor_id)
             async with asyncio.TaskGroup() as group:
                 loop = group.create_task(self._control_loop(kv, lease))
@@ -99,7 +116,8 @@ class Supervisor:
                         self._map = None  # re-read the map we now own
                     next_lease = now + self.settings.heartbeat_interval / (1 if lease.is_leader else 2)
                 if lease.is_leader:
-                    await self._reconcile(kv, lease.term)
+                    async with self._map_lock:
+                        await self._reconcile(kv, lease.term)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - NATS restarts; keep supervising once it is back
@@ -129,20 +147,26 @@ class Supervisor:
             await self._load_map(kv, term)
         assert self._map is not None
         live = self.membership.live()
+        alive = self.membership.alive()
         if time.monotonic() - self._started < self.settings.failure_timeout:
-            # Just started: we have not heard every worker yet. Only fill empty or self-evident slots.
+            # Just started: we have not heard every worker yet, so nobody is presumed dead.
             owners = {e.owner for e in self._map.shards if e.owner}
             live = sorted(set(live) | owners) if live else []
-        new_map, moved = reassign(self._map, live, term=term, now=time.time())
+            alive |= owners
+        new_map, moved = reassign(self._map, live, alive, term=term, now=time.time())
         if not moved:
             return
+        await self._write_map(kv, new_map, moved, live, term)
+
+    async def _write_map(self, kv: KeyValue, new_map: ShardMap, moved: list[int], live: list[str], term: int) -> bool:
+        assert self._map is not None
         with tracer.start_as_current_span("supervisor.reassign", attributes={"sm.moved": len(moved), "sm.live_workers": len(live)}):
             try:
                 self._map_revision = await kv.update(subjects.SHARD_MAP_KEY, json_encoder.encode(new_map), last=self._map_revision)
             except KeyWrongLastSequenceError:
                 log.warning("shard_map_changed_underneath", term=term)
                 self._map = None
-                return
+                return False
         previous = self._map
         self._map = new_map
         log.info(
@@ -151,3 +175,85 @@ class Supervisor:
             live_workers=live,
             moves=[f"{p}:{previous.shards[p].owner}->{new_map.shards[p].owner}" for p in moved][:64],
         )
+        return True
+
+    # ---- operator requests (answered by the leader only; a standby stays silent) ----------
+
+    def _leading(self) -> bool:
+        return self._lease is not None and self._lease.is_leader
+
+    async def _on_status(self, msg: Msg) -> None:
+        if not self._leading() or self._map is None:
+            return
+        now = time.monotonic()
+        alive = self.membership.alive(now)
+        workers = [
+            WorkerInfo(
+                worker_id=wid,
+                pid=state.heartbeat.pid,
+                host=state.heartbeat.host,
+                shards=state.heartbeat.shards,
+                sessions=state.heartbeat.sessions,
+                in_flight=state.heartbeat.in_flight,
+                draining=state.heartbeat.draining or wid in self._map.drained,
+                last_heartbeat_age_s=round(now - state.last_seen, 3),
+                live=wid in alive,
+            )
+            for wid, state in sorted(self.membership.snapshot().items())
+        ]
+        status = ClusterStatus(leader=self.supervisor_id, term=self._lease.term, workers=workers, shard_map=self._map)  # type: ignore[union-attr]
+        await msg.respond(json_encoder.encode(status))
+
+    async def _on_drain(self, msg: Msg) -> None:
+        if not self._leading():
+            return
+        try:
+            command = _drain_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await msg.respond(json_encoder.encode(AdminReply(ok=False, detail=str(exc))))
+            return
+
+        def change(current: ShardMap) -> ShardMap:
+            drained = set(current.drained)
+            (drained.discard if command.undrain else drained.add)(command.worker_id)
+            pinned = {p: w for p, w in current.pinned.items() if w != command.worker_id or command.undrain}
+            return msgspec.structs.replace(current, drained=sorted(drained), pinned=pinned)
+
+        verb = "undrained" if command.undrain else "drained"
+        await self._admin_change(msg, change, f"{verb} {command.worker_id}")
+
+    async def _on_move(self, msg: Msg) -> None:
+        if not self._leading():
+            return
+        try:
+            command = _move_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await msg.respond(json_encoder.encode(AdminReply(ok=False, detail=str(exc))))
+            return
+        if not 0 <= command.shard < self.settings.shard_count:
+            await msg.respond(json_encoder.encode(AdminReply(ok=False, detail=f"shard must be 0..{self.settings.shard_count - 1}")))
+            return
+        if command.worker_id not in self.membership.live():
+            await msg.respond(json_encoder.encode(AdminReply(ok=False, detail=f"{command.worker_id} is not a live, undrained worker")))
+            return
+
+        def change(current: ShardMap) -> ShardMap:
+            return msgspec.structs.replace(current, pinned={**current.pinned, command.shard: command.worker_id})
+
+        await self._admin_change(msg, change, f"shard {command.shard} pinned to {command.worker_id}")
+
+    async def _admin_change(self, msg: Msg, change, detail: str) -> None:  # type: ignore[no-untyped-def]
+        assert self._kv is not None and self._lease is not None
+        async with self._map_lock:
+            for _ in range(3):
+                if self._map is None:
+                    await self._load_map(self._kv, self._lease.term)
+                assert self._map is not None
+                changed = change(self._map)
+                new_map, moved = reassign(changed, self.membership.live(), self.membership.alive(), term=self._lease.term, now=time.time())
+                if not moved:
+                    new_map = msgspec.structs.replace(changed, term=self._lease.term, updated_at=time.time())
+                if await self._write_map(self._kv, new_map, moved, self.membership.live(), self._lease.term):
+                    await msg.respond(json_encoder.encode(AdminReply(ok=True, detail=f"{detail}; {len(moved)} shard(s) moved")))
+                    return
+        await msg.respond(json_encoder.encode(AdminReply(ok=False, detail="shard map kept changing; try again")))

@@ -14,6 +14,7 @@ import socket
 import time
 from contextlib import AsyncExitStack
 
+import msgspec
 import nats
 import structlog
 from nats.aio.client import Client as NATS
@@ -32,7 +33,7 @@ from sessionmgr.common.errors import (
     error_headers,
 )
 from sessionmgr.common.ids import is_valid_idempotency_key, is_valid_session_id
-from sessionmgr.common.models import Heartbeat, ShardMap, WorkerBye, json_encoder, shard_map_decoder
+from sessionmgr.common.models import Heartbeat, ReleaseShard, ShardMap, WorkerBye, json_encoder, shard_map_decoder
 from sessionmgr.common.settings import Settings
 from sessionmgr.common.tracing import extract_trace_context
 from sessionmgr.worker.actions import registry
@@ -47,6 +48,7 @@ tracer = trace.get_tracer("sessionmgr.worker")
 
 HEADER_VERSION = "Sm-Version"
 HEADER_STATUS = "Sm-Status"
+_release_decoder = msgspec.json.Decoder(ReleaseShard)
 
 
 class Worker:
@@ -55,6 +57,8 @@ class Worker:
         self.worker_id = worker_id
         self._slots = asyncio.Semaphore(settings.worker_max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._control_tasks: set[asyncio.Task[None]] = set()
+        self._beat_now = asyncio.Event()
         self._locks = KeyedLock()
         self._cache = SessionCache(settings.worker_cache_max_sessions)
         self._in_flight = 0
@@ -95,9 +99,11 @@ class Worker:
                 cache=self._cache,
                 on_message=self._on_request,
                 pending_limit=self.settings.worker_max_in_flight * 16,
+                handoff_timeout=min(self.settings.drain_timeout, self.settings.request_timeout / 2),
             )
             self.service = SessionService(store=store, cache=self._cache, ownership=self.shards, actions=registry, settings=self.settings)
             await self.nc.subscribe(subjects.QUERY_LIST, queue=subjects.QUERY_QUEUE, cb=self._on_list)
+            await self.nc.subscribe(subjects.release_subject(self.worker_id), cb=self._on_release)
             log.info("worker_started", worker_id=self.worker_id, pid=os.getpid())
             try:
                 async with asyncio.TaskGroup() as group:
@@ -127,13 +133,24 @@ class Worker:
         self._slots.release()
 
     async def _serve(self, msg: Msg) -> None:
+        try:
+            shard, session_id, op = subjects.parse_shard_subject(msg.subject)
+        except ValueError:
+            await self._respond(msg, b"", error_headers(BadRequestError("malformed subject")))
+            return
+        self.shards.begin(shard)  # type: ignore[union-attr]
+        try:
+            await self._serve_call(msg, session_id, op)
+        finally:
+            await self.shards.end(shard)  # type: ignore[union-attr]
+
+    async def _serve_call(self, msg: Msg, session_id: str, op: str) -> None:
         started = time.perf_counter()
         headers = msg.headers or {}
         outcome = "ok"
         error_code = None
         self._in_flight += 1
         try:
-            _, session_id, op = subjects.parse_shard_subject(msg.subject)
             request_id = headers.get(bus.HEADER_REQUEST_ID) or msg.reply.rsplit(".", 1)[-1][:24] or "-"
             structlog.contextvars.bind_contextvars(session_id=session_id, request_id=request_id, op=op)
             with tracer.start_as_current_span(
@@ -160,8 +177,6 @@ class Worker:
                     outcome, error_code = "error", InternalError.code
                     log.exception("request_failed")
                     await self._respond(msg, b"", error_headers(InternalError("internal error")))
-        except ValueError:
-            outcome, error_code = "error", BadRequestError.code
         finally:
             self._in_flight -= 1
             log.info("request_handled", outcome=outcome, error_code=error_code, duration_ms=round((time.perf_counter() - started) * 1000, 2))
@@ -223,6 +238,19 @@ class Worker:
         except (ConnectionError, TimeoutError, OSError):
             await self._respond(msg, b"", error_headers(StorageUnavailableError()))
 
+    async def _on_release(self, msg: Msg) -> None:
+        try:
+            request = _release_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        task = asyncio.get_running_loop().create_task(self._release_and_ack(msg, request))
+        self._control_tasks.add(task)
+        task.add_done_callback(self._control_tasks.discard)
+
+    async def _release_and_ack(self, msg: Msg, request: ReleaseShard) -> None:
+        await self.shards.on_release_request(request)  # type: ignore[union-attr]
+        await self._respond(msg, b"released", {})
+
     # ---- membership -------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
@@ -240,14 +268,18 @@ class Worker:
                 seq=seq,
                 sessions=len(self._cache),
                 in_flight=self._in_flight,
-                shards=self.shards.shards if self._accepting else [],  # type: ignore[union-attr]
+                shards=self.shards.shards,  # type: ignore[union-attr]
                 draining=not self._accepting,
             )
             try:
                 await self.nc.publish(subjects.heartbeat_subject(self.worker_id), json_encoder.encode(beat))  # type: ignore[union-attr]
             except Exception:  # noqa: BLE001 - a missed beat while NATS reconnects is expected
                 log.debug("heartbeat_failed", exc_info=True)
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            self._beat_now.clear()
+            try:
+                await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_interval)
+            except TimeoutError:
+                pass
 
     async def _watch_map(self) -> None:
         """Follow the shard map; the watcher is re-created if NATS drops it."""
@@ -292,18 +324,19 @@ class Worker:
         await self.shards.apply_map(shard_map)  # type: ignore[union-attr]
 
     async def _drain(self) -> None:
-        """Graceful stop: say goodbye so the supervisor moves our shards now, then finish in-flight work."""
+        """Graceful stop: announce draining, keep serving while the supervisor hands every shard
+        to another worker (each new owner asks us to release it), then leave."""
         self._accepting = False
+        self._beat_now.set()  # the supervisor learns we are draining now, not at the next beat
         log.info("worker_draining", worker_id=self.worker_id, in_flight=self._in_flight)
-        try:
-            await self.nc.publish(subjects.bye_subject(self.worker_id), json_encoder.encode(WorkerBye(worker_id=self.worker_id)))  # type: ignore[union-attr]
-            await self.nc.flush(timeout=1)  # type: ignore[union-attr]
-        except Exception:  # noqa: BLE001
-            log.warning("bye_failed", exc_info=True)
         deadline = time.monotonic() + self.settings.drain_timeout
-        # Keep serving until the supervisor has given every shard away (or the grace period ends).
         await self.shards.wait_empty(timeout=self.settings.drain_timeout)  # type: ignore[union-attr]
         await self.shards.release_all()  # type: ignore[union-attr]
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.1, deadline - time.monotonic()))
+        try:
+            await self.nc.publish(subjects.bye_subject(self.worker_id), json_encoder.encode(WorkerBye(worker_id=self.worker_id)))  # type: ignore[union-attr]
+            await self.nc.flush(timeout=1)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - the supervisor will see our heartbeats stop instead
+            log.warning("bye_failed", exc_info=True)
 
