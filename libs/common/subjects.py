@@ -47,8 +47,14 @@ def shard_wildcard(shard: int) -> str:
     return f"{SHARD_PREFIX}.{shard}.>"
 
 
-def shard_queue(shard: int) -> str:
-    return f"shard-{shard}"
+def shard_queue(shard: int, epoch: int) -> str:
+    """One queue group per ownership epoch.
+
+    Within an epoch NATS gives each request to one subscriber. A new epoch is a new group, so a
+    paused former owner whose subscription the server still holds cannot swallow every other
+    request: the new owner gets each one too, and the old owner's late answer is fenced.
+    """
+    return f"shard-{shard}-e{epoch}"
 
 
 def parse_shard_subject(subject: str) -> tuple[int, str, str]:

@@ -148,7 +148,7 @@ class ShardOwnership:
         await self._warm(shard)
         sub = await self._nc.subscribe(
             subjects.shard_wildcard(shard),
-            queue=subjects.shard_queue(shard),
+            queue=subjects.shard_queue(shard, epoch),
             cb=self._on_message,
             pending_msgs_limit=self._pending_limit,
         )
