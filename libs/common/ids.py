@@ -14,6 +14,11 @@ ACTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}(\.[a-z][a-z0-9_]{0,31}){0,3}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
+def is_valid_user_id(value: str) -> bool:
+    """User IDs (a token's ``sub``) travel in NATS headers, which trim whitespace: allow none."""
+    return 1 <= len(value) <= 128 and value.isprintable() and not any(c.isspace() for c in value)
+
+
 def is_valid_session_id(value: str) -> bool:
     # re's ``$`` also matches before a trailing newline; fullmatch does not.
     return SESSION_ID_RE.fullmatch(value) is not None

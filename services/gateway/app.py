@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar, Response
+from litestar import Litestar
+from litestar.types import Message, Scope
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
@@ -26,10 +27,16 @@ SECURITY_HEADERS = {
 }
 
 
-def _add_security_headers(response: Response) -> Response:
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
-    return response
+_SECURITY_HEADER_PAIRS = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+
+async def add_security_headers(message: Message, scope: Scope) -> None:
+    """A before_send hook: it sees every response, router 404/405s and errors included."""
+    if message["type"] == "http.response.start":
+        headers = list(message.get("headers", []))
+        present = {name.lower() for name, _ in headers}
+        headers.extend((k, v) for k, v in _SECURITY_HEADER_PAIRS if k not in present)
+        message["headers"] = headers  # type: ignore[typeddict-unknown-key]
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -49,7 +56,7 @@ def create_app(settings: Settings) -> Litestar:
         lifespan=[connect_bus],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         middleware=[tracing_middleware],
-        after_request=_add_security_headers,  # type: ignore[arg-type]
+        before_send=[add_security_headers],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Session Manager",

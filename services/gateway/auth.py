@@ -13,6 +13,7 @@ import jwt
 import msgspec
 
 from sessionmgr.common.errors import AuthenticationError
+from sessionmgr.common.ids import is_valid_user_id
 from sessionmgr.common.settings import Settings
 
 ADMIN_SCOPE = "sessions:admin"
@@ -31,6 +32,10 @@ class Principal(msgspec.Struct, frozen=True):
     @property
     def is_admin(self) -> bool:
         return ADMIN_SCOPE in self.scopes
+
+    @property
+    def can_read(self) -> bool:
+        return not self.scoped or bool(self.scopes & {READ_SCOPE, WRITE_SCOPE, ADMIN_SCOPE})
 
     @property
     def can_write(self) -> bool:
@@ -80,8 +85,8 @@ class TokenVerifier:
         except jwt.PyJWTError as exc:
             raise AuthenticationError(f"invalid token: {exc}") from None
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not 1 <= len(sub) <= 128 or not sub.isprintable():
-            raise AuthenticationError("token 'sub' must be a non-empty string of at most 128 characters")
+        if not isinstance(sub, str) or not is_valid_user_id(sub):
+            raise AuthenticationError("token 'sub' must be 1-128 printable characters without whitespace")
         scope = claims.get("scope")
         scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
         return Principal(user_id=sub, scopes=scopes, scoped=isinstance(scope, str)), float(claims["exp"]) + _LEEWAY_S

@@ -59,6 +59,9 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
 
 
 def handle_unexpected(request: Request, exc: Exception) -> Response[bytes]:
+    if isinstance(exc, RecursionError):
+        # A body nested thousands of levels deep exhausts the decoder's stack: the client's fault.
+        return problem_response(400, "validation_error", "Request failed validation", "JSON nested too deeply", request.url.path)
     log.exception("unhandled_error")
     return problem_response(500, "internal_error", "Internal error", "the server could not complete the request", request.url.path)
 

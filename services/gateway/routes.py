@@ -44,7 +44,10 @@ def _state(request: Request) -> GatewayState:
 
 
 def _principal(request: Request) -> Principal:
-    return _state(request).verifier.authenticate(request.headers.get("authorization"))
+    principal = _state(request).verifier.authenticate(request.headers.get("authorization"))
+    if not principal.can_read:
+        raise ForbiddenError("this token has no sessions scope (sessions:read, sessions:write or sessions:admin)")
+    return principal
 
 
 def _writer(request: Request) -> Principal:

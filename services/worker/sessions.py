@@ -29,6 +29,7 @@ from sessionmgr.common.errors import (
     ValidationFailedError,
     VersionMismatchError,
 )
+from sessionmgr.common.ids import is_valid_user_id
 from sessionmgr.common.models import (
     ActionResult,
     CreateSessionCommand,
@@ -158,8 +159,8 @@ class SessionService:
     def _compute_create(self, call: Call) -> Compute:
         command: CreateSessionCommand = _decode(_create_decoder, call.payload)
         user_id = call.user_id or command.user_id
-        if not user_id:
-            raise ValidationFailedError("user_id is required")
+        if not user_id or not is_valid_user_id(user_id):
+            raise ValidationFailedError("user_id is required: 1-128 printable characters without whitespace")
         metadata = dict(command.metadata)
         if call.client_ip:
             metadata["ip_address"] = call.client_ip

@@ -8,6 +8,8 @@ atomically; ARCHITECTURE.md's per-session tag could not fence in one script unde
 from __future__ import annotations
 
 import base64
+import binascii
+import re
 from dataclasses import dataclass
 
 import msgspec
@@ -167,7 +169,7 @@ class SessionStore:
 
     async def list_user_sessions(self, user_id: str, limit: int, cursor: str | None) -> tuple[list[Session], str | None]:
         key = user_index_key(user_id)
-        start = b"-" if cursor is None else b"(" + base64.urlsafe_b64decode(cursor.encode() + b"==")
+        start = b"-" if cursor is None else b"(" + _decode_cursor(cursor)
         sessions: list[Session] = []
         last_member: bytes | None = None
         # Pages skip members whose session expired; bound the number of index reads per call.
@@ -195,6 +197,20 @@ class SessionStore:
 def _index_member(session: Session) -> str:
     # Lexical order of "<created ms>:<id>" is creation order, so pages are stable.
     return f"{int(session.created_at.timestamp() * 1000):013d}:{session.session_id}"
+
+
+_CURSOR_RE = re.compile(rb"^\d{13}:[A-Za-z0-9_-]{1,64}$")
+
+
+def _decode_cursor(cursor: str) -> bytes:
+    """Cursors are ours (base64url of an index member); anything else is a client error."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,200}", cursor):
+        raise ValueError("invalid cursor")
+    padded = cursor + "=" * (-len(cursor) % 4)
+    member = binascii.a2b_base64(padded.replace("-", "+").replace("_", "/").encode(), strict_mode=True)
+    if not _CURSOR_RE.fullmatch(member):
+        raise ValueError("invalid cursor")
+    return member
 
 
 def _cursor(member: bytes | None) -> str | None:
