@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -25,8 +26,9 @@ HEADER_IF_MATCH = "If-Match"
 HEADER_CLIENT_IP = "Sm-Client-Ip"
 HEADER_READ_ONLY = "Sm-Read-Only"
 
-_BACKOFF_BASE = 0.02
-_BACKOFF_CAP = 0.5
+# "No responders" is answered at once, so retrying often is cheap and finds the new owner soon.
+_BACKOFF_BASE = 0.01
+_BACKOFF_CAP = 0.1
 
 
 async def request(
@@ -37,6 +39,7 @@ async def request(
     *,
     deadline: float,
     attempt_timeout: float,
+    on_no_responders: Callable[[str], Awaitable[None]] | None = None,
 ) -> Msg:
     """Send until a worker answers, a terminal error comes back, or ``deadline`` (monotonic) passes."""
     attempt = 0
@@ -49,7 +52,10 @@ async def request(
             raise ServiceUnavailableError("message bus unavailable")
         try:
             msg = await nc.request(subject, payload, timeout=min(attempt_timeout, remaining), headers=headers)
-        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        except nats.errors.NoRespondersError:
+            if on_no_responders is not None:
+                await on_no_responders(subject)
+        except nats.errors.TimeoutError:
             pass
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError):
             raise ServiceUnavailableError("message bus unavailable") from None

@@ -46,7 +46,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_issuer: str | None = None
     max_body_bytes: int = 64 * 1024
     request_timeout: float = 5.0
-    request_attempt_timeout: float = 1.0
+    request_attempt_timeout: float = 0.5
     # Sessions and sharding
     session_ttl: int = 3600
     shard_count: int = 64

@@ -5,7 +5,8 @@ CLI subjects:      ``sessions.<session_id>.<op>``, mapped by nats.conf onto the 
 Heartbeats:        ``sm.hb.<worker_id>``; graceful leave: ``sm.bye.<worker_id>``
 Queries:           ``sm.query.list`` (any worker, queue group ``query``)
 Events:            ``sm.events.<session_id>.<type>``
-Worker control:    ``sm.ctl.<worker_id>.release`` (shard handoff)
+Worker control:    ``sm.ctl.<worker_id>.release`` (shard handoff), ``sm.ctl.<worker_id>.ping``
+Hints:             ``sm.hint.unreachable`` (gateway saw no responders on a shard; body: shard number)
 Operator (leader): ``sm.admin.status``, ``sm.admin.drain``, ``sm.admin.move``
 """
 
@@ -75,6 +76,14 @@ def bye_subject(worker_id: str) -> str:
 
 def release_subject(worker_id: str) -> str:
     return f"sm.ctl.{worker_id}.release"
+
+
+def ping_subject(worker_id: str) -> str:
+    return f"sm.ctl.{worker_id}.ping"
+
+
+# A gateway that got "no responders" for a shard tells the supervisor, which probes the owner.
+UNREACHABLE_HINT = "sm.hint.unreachable"
 
 
 def event_subject(session_id: str, event_type: str) -> str:

@@ -25,6 +25,7 @@ class WorkerClient:
         self._settings = settings
         self.nc: NATS | None = None
         self._last_heartbeat = 0.0
+        self._hinted: dict[str, float] = {}
 
     async def connect(self) -> None:
         self.nc = await nats.connect(
@@ -67,5 +68,25 @@ class WorkerClient:
         ):
             inject_trace_headers(headers)
             return await bus.request(
-                self.nc, subject, payload, headers, deadline=deadline, attempt_timeout=self._settings.request_attempt_timeout
+                self.nc,
+                subject,
+                payload,
+                headers,
+                deadline=deadline,
+                attempt_timeout=self._settings.request_attempt_timeout,
+                on_no_responders=self._hint_unreachable,
             )
+
+    async def _hint_unreachable(self, subject: str) -> None:
+        """Tell the supervisor a shard has no subscriber; it probes the owner (at most every 100 ms)."""
+        if not subject.startswith(subjects.SHARD_PREFIX + "."):
+            return
+        shard = subject.split(".", 3)[2]
+        now = time.monotonic()
+        if now - self._hinted.get(shard, 0.0) < 0.1:
+            return
+        self._hinted[shard] = now
+        try:
+            await self.nc.publish(subjects.UNREACHABLE_HINT, shard.encode())  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - only a hint
+            pass

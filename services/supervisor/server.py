@@ -32,6 +32,7 @@ from sessionmgr.common.settings import Settings
 from sessionmgr.supervisor.assignment import initial_map, reassign
 from sessionmgr.supervisor.lease import LeaderLeaseHolder
 from sessionmgr.supervisor.membership import Membership
+from sessionmgr.supervisor.probe import LivenessProbe
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("sessionmgr.supervisor")
@@ -51,6 +52,7 @@ class Supervisor:
         self._map_lock = asyncio.Lock()
         self._kv: KeyValue | None = None
         self._lease: LeaderLeaseHolder | None = None
+        self._probe: LivenessProbe | None = None
         self.nc: NATS | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -69,6 +71,9 @@ class Supervisor:
             stack.push_async_callback(lease.resign)
             await self.nc.subscribe(f"{subjects.HEARTBEAT_PREFIX}.*", cb=self._on_heartbeat)
             await self.nc.subscribe(f"{subjects.BYE_PREFIX}.*", cb=self._on_bye)
+            self._probe = LivenessProbe(self.nc, self._declare_dead, timeout=self.settings.heartbeat_interval)
+            stack.push_async_callback(self._probe.close)
+            await self.nc.subscribe(subjects.UNREACHABLE_HINT, cb=self._on_unreachable_hint)
             await self.nc.subscribe(subjects.ADMIN_STATUS, cb=self._on_status)
             await self.nc.subscribe(subjects.ADMIN_DRAIN, cb=self._on_drain)
             await self.nc.subscribe(subjects.ADMIN_MOVE, cb=self._on_move)
@@ -97,6 +102,31 @@ class Supervisor:
         elif beat.draining:
             self._changed.set()
 
+    def _declare_dead(self, worker_id: str) -> None:
+        self.membership.leave(worker_id)
+        self._changed.set()
+
+    async def _on_unreachable_hint(self, msg: Msg) -> None:
+        if not self._leading() or self._map is None or self._probe is None:
+            return
+        try:
+            shard = int(msg.data)
+            owner = self._map.shards[shard].owner
+        except (ValueError, IndexError):
+            return
+        if owner is not None and owner in self.membership.alive():
+            self._probe.suspect(owner, "no responders on its shard")
+
+    def _probe_late_workers(self) -> None:
+        """A worker one beat late is probed: if its process is gone we know now, not in 3 beats."""
+        if self._probe is None:
+            return
+        late_after = self.settings.heartbeat_interval * 1.5
+        now = time.monotonic()
+        for worker_id, state in self.membership.snapshot().items():
+            if late_after < now - state.last_seen <= self.settings.failure_timeout:
+                self._probe.suspect(worker_id, "late heartbeat")
+
     async def _on_bye(self, msg: Msg) -> None:
         worker_id = msg.subject.rsplit(".", 1)[-1]
         log.info("worker_left", worker_id=worker_id)
@@ -116,6 +146,7 @@ class Supervisor:
                         self._map = None  # re-read the map we now own
                     next_lease = now + self.settings.heartbeat_interval / (1 if lease.is_leader else 2)
                 if lease.is_leader:
+                    self._probe_late_workers()
                     async with self._map_lock:
                         await self._reconcile(kv, lease.term)
             except asyncio.CancelledError:

@@ -104,6 +104,7 @@ class Worker:
             self.service = SessionService(store=store, cache=self._cache, ownership=self.shards, actions=registry, settings=self.settings)
             await self.nc.subscribe(subjects.QUERY_LIST, queue=subjects.QUERY_QUEUE, cb=self._on_list)
             await self.nc.subscribe(subjects.release_subject(self.worker_id), cb=self._on_release)
+            await self.nc.subscribe(subjects.ping_subject(self.worker_id), cb=self._on_ping)
             log.info("worker_started", worker_id=self.worker_id, pid=os.getpid())
             try:
                 async with asyncio.TaskGroup() as group:
@@ -237,6 +238,9 @@ class Worker:
             await self._respond(msg, b"", error_headers(error))
         except (ConnectionError, TimeoutError, OSError):
             await self._respond(msg, b"", error_headers(StorageUnavailableError()))
+
+    async def _on_ping(self, msg: Msg) -> None:
+        await self._respond(msg, b"pong", {})
 
     async def _on_release(self, msg: Msg) -> None:
         try:

@@ -1,0 +1,274 @@
+"""Failover benchmark: kill a worker under load, again and again, and measure what clients see.
+
+    .venv/bin/python bench/failover.py            # 10 rounds, 4 workers
+    .venv/bin/python bench/failover.py --rounds 20 --workers 4 --sessions 400
+
+Each round: SIGKILL a random worker while clients run context.incr (each with an
+Idempotency-Key, retried until acknowledged), then time, for every session the victim owned,
+how long after the kill a GET through the gateway first answers. A replacement worker then
+joins (a graceful handoff) before the next round. At the end every session's counter is
+compared with the increments clients saw acknowledged.
+
+Prints recovery p50/p99/max, client-visible failures, acknowledged writes lost and shards
+moved per kill (and whether only the victim's moved). Results also go to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import httpx
+import nats
+
+from sessionmgr.common import procs, subjects
+from sessionmgr.common.hashing import shard_for
+from sessionmgr.common.models import ShardMap, heartbeat_decoder, shard_map_decoder
+from sessionmgr.gateway.auth import mint_token
+
+JWT_SECRET = "bench-failover-secret-0123456789abcdef"
+SHARDS = 64
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+class Cluster:
+    def __init__(self, root: Path, workers: int, heartbeat_interval: float, heartbeat_misses: int) -> None:
+        self.root = root
+        self.nats_port, self.redis_port, self.http_port = procs.free_port(), procs.free_port(), procs.free_port()
+        self.env = {
+            "NATS_URL": f"nats://127.0.0.1:{self.nats_port}",
+            "DB_HOST": "127.0.0.1",
+            "DB_PORT": str(self.redis_port),
+            "PORT": str(self.http_port),
+            "HOST": "127.0.0.1",
+            "JWT_SECRET": JWT_SECRET,
+            "HEARTBEAT_INTERVAL": str(heartbeat_interval),
+            "HEARTBEAT_MISSES": str(heartbeat_misses),
+            "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+            "LOG_FORMAT": "json",
+        }
+        self.servers = [
+            procs.nats_server(self.nats_port, root / "nats", log_path=root / "nats.log"),
+            procs.redis_server(self.redis_port, root / "redis", log_path=root / "redis.log"),
+        ]
+        self.supervisor = procs.service("supervisor", "supervisor", {**self.env, "SUPERVISOR_ID": "sup-1"}, log_path=root / "supervisor.log")
+        self.gateway = procs.service("gateway", "gateway", self.env, log_path=root / "gateway.log")
+        self.workers: dict[str, procs.ManagedProcess] = {}
+        self._initial_workers = workers
+        self._counter = 0
+
+    def start(self) -> None:
+        self.servers[0].start().wait_for_port(self.nats_port)
+        self.servers[1].start().wait_for_port(self.redis_port)
+        self.supervisor.start()
+        for _ in range(self._initial_workers):
+            self.add_worker()
+        self.gateway.start().wait_for_port(self.http_port)
+
+    def add_worker(self) -> str:
+        self._counter += 1
+        name = f"worker-{self._counter}"
+        self.workers[name] = procs.service("worker", name, {**self.env, "WORKER_ID": name}, log_path=self.root / f"{name}.log").start()
+        return name
+
+    def stop(self) -> None:
+        for proc in [self.gateway, self.supervisor, *self.workers.values(), *reversed(self.servers)]:
+            proc.stop()
+
+
+class Coverage:
+    """Follows heartbeats: which live worker serves which shards."""
+
+    def __init__(self, failure_timeout: float) -> None:
+        self.seen: dict[str, tuple[list[int], float]] = {}
+        self.changed = asyncio.Event()
+        self._failure_timeout = failure_timeout
+
+    async def on_beat(self, msg) -> None:  # type: ignore[no-untyped-def]
+        beat = heartbeat_decoder.decode(msg.data)
+        self.seen[beat.worker_id] = (beat.shards, time.monotonic())
+        self.changed.set()
+
+    async def wait_covered(self, workers: set[str], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            live = {w: s for w, (s, t) in self.seen.items() if now - t <= self._failure_timeout and w in workers}
+            if set(live) == workers and sorted(s for shards in live.values() for s in shards) == list(range(SHARDS)):
+                return
+            if now > deadline:
+                raise TimeoutError("shards not covered")
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), 0.5)
+            except TimeoutError:
+                pass
+
+
+class Load:
+    def __init__(self, client: httpx.AsyncClient, sessions: list[str], clients: int) -> None:
+        self.client, self.sessions, self.clients = client, sessions, clients
+        self.acked: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()  # client-visible: non-200 answers and transport errors
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._client() for _ in range(self.clients)))
+
+    async def _client(self) -> None:
+        while not self.stop.is_set():
+            sid = random.choice(self.sessions)
+            key = uuid.uuid4().hex
+            while True:  # a careful client: same key until acknowledged
+                try:
+                    r = await self.client.post(
+                        f"/sessions/{sid}/request",
+                        content=b'{"action":"context.incr","payload":{"key":"n"}}',
+                        headers={"Idempotency-Key": key, "Content-Type": "application/json"},
+                    )
+                except httpx.HTTPError as exc:
+                    self.failures[type(exc).__name__] += 1
+                    continue
+                if r.status_code == 200:
+                    self.acked[sid] += 1
+                    break
+                self.failures[str(r.status_code)] += 1
+
+
+async def read_map(nc) -> ShardMap:  # type: ignore[no-untyped-def]
+    kv = await nc.jetstream().key_value(subjects.SHARD_MAP_BUCKET)
+    return shard_map_decoder.decode((await kv.get(subjects.SHARD_MAP_KEY)).value)
+
+
+async def time_recovery(client: httpx.AsyncClient, sessions: list[str], killed_at: float) -> float:
+    """Seconds from the kill until every session answers a GET (each GET retried until 200)."""
+
+    async def one(sid: str) -> float:
+        while True:
+            r = await client.get(f"/sessions/{sid}")
+            if r.status_code == 200:
+                return time.monotonic() - killed_at
+
+    return max(await asyncio.gather(*(one(s) for s in sessions)))
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    root = Path(tempfile.mkdtemp(prefix="sm-failover-"))
+    print(f"logs in {root}")
+    cluster = Cluster(root, args.workers, args.heartbeat_interval, args.heartbeat_misses)
+    failure_timeout = args.heartbeat_interval * args.heartbeat_misses
+    rows = []
+    try:
+        cluster.start()
+        nc = await nats.connect(cluster.env["NATS_URL"])
+        coverage = Coverage(failure_timeout)
+        await nc.subscribe(f"{subjects.HEARTBEAT_PREFIX}.*", cb=coverage.on_beat)
+        await coverage.wait_covered(set(cluster.workers))
+        token = mint_token(JWT_SECRET, "bench", ttl_s=3600)
+        limits = httpx.Limits(max_connections=args.clients + len(range(args.sessions)) + 10)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cluster.http_port}", headers={"Authorization": f"Bearer {token}"}, timeout=30, limits=limits) as client:
+            sessions = []
+            for _ in range(args.sessions):
+                r = await client.post("/sessions", json={})
+                r.raise_for_status()
+                sessions.append(r.json()["session_id"])
+            load = Load(client, sessions, args.clients)
+            load_task = asyncio.create_task(load.run())
+            await asyncio.sleep(1.0)  # let the load reach steady state before the first kill
+            for round_no in range(1, args.rounds + 1):
+                before = await read_map(nc)
+                victim = random.choice(sorted(cluster.workers))
+                victim_shards = {i for i, e in enumerate(before.shards) if e.owner == victim}
+                victim_sessions = [s for s in sessions if shard_for(s, SHARDS) in victim_shards]
+                failures_before = sum(load.failures.values())
+                killed_at = time.monotonic()
+                cluster.workers.pop(victim).kill()
+                recovery = await time_recovery(client, victim_sessions, killed_at) if victim_sessions else 0.0
+                await coverage.wait_covered(set(cluster.workers))
+                after = await read_map(nc)
+                moved = {i for i, (a, b) in enumerate(zip(before.shards, after.shards, strict=True)) if a.owner != b.owner}
+                row = {
+                    "round": round_no,
+                    "victim_sessions": len(victim_sessions),
+                    "recovery_s": round(recovery, 3),
+                    "shards_moved": len(moved),
+                    "only_victims_shards": moved == victim_shards,
+                    "client_failures": sum(load.failures.values()) - failures_before,
+                }
+                rows.append(row)
+                print(f"round {round_no:>2}: {len(victim_sessions):>4} sessions back in {recovery * 1000:7.0f} ms; "
+                      f"{len(moved)} shards moved (only the victim's: {moved == victim_shards}); "
+                      f"client-visible failures {row['client_failures']}", flush=True)
+                cluster.add_worker()  # a replacement joins: a graceful handoff under load
+                await coverage.wait_covered(set(cluster.workers))
+            load.stop.set()
+            await load_task
+            lost = 0
+            for sid in sessions:
+                r = await client.get(f"/sessions/{sid}")
+                stored = r.json()["context"].get("n", 0)
+                lost += max(0, load.acked[sid] - stored)
+                if stored != load.acked[sid]:
+                    print(f"MISMATCH {sid}: stored {stored}, acknowledged {load.acked[sid]}")
+        await nc.close()
+        recoveries = [r["recovery_s"] for r in rows]
+        summary = {
+            "rounds": len(rows),
+            "workers": args.workers,
+            "heartbeat_interval_s": args.heartbeat_interval,
+            "heartbeat_misses": args.heartbeat_misses,
+            "recovery_p50_s": percentile(recoveries, 0.5),
+            "recovery_p99_s": percentile(recoveries, 0.99),
+            "recovery_max_s": max(recoveries),
+            "recovery_mean_s": round(statistics.mean(recoveries), 3),
+            "acknowledged_increments": sum(load.acked.values()),
+            "acknowledged_lost": lost,
+            "client_visible_failures": dict(load.failures),
+            "shards_moved_per_kill": [r["shards_moved"] for r in rows],
+            "only_victims_shards_moved": all(r["only_victims_shards"] for r in rows),
+        }
+        print()
+        print(f"Failover over {len(rows)} kills ({args.workers} workers, heartbeat {args.heartbeat_interval}s x {args.heartbeat_misses}, {args.clients} clients):")
+        print(f"  recovery  p50 {summary['recovery_p50_s'] * 1000:.0f} ms   p99 {summary['recovery_p99_s'] * 1000:.0f} ms   max {summary['recovery_max_s'] * 1000:.0f} ms")
+        print(f"  acknowledged increments {summary['acknowledged_increments']}, lost {lost}")
+        print(f"  client-visible failures {sum(load.failures.values())} {dict(load.failures) or ''}")
+        print(f"  shards moved per kill {summary['shards_moved_per_kill']} (only the victim's: {summary['only_victims_shards_moved']})")
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        with open(out / f"failover-{time.strftime('%Y%m%d-%H%M%S')}.jsonl", "w") as fh:
+            for row in rows:
+                fh.write(json.dumps({"kind": "failover_round", **row}) + "\n")
+            fh.write(json.dumps({"kind": "failover_summary", **summary}) + "\n")
+        return 0 if lost == 0 else 1
+    finally:
+        cluster.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10, help="worker kills (default 10)")
+    parser.add_argument("--workers", type=int, default=4, help="workers kept running (default 4)")
+    parser.add_argument("--sessions", type=int, default=400, help="sessions under load (default 400)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent incrementing clients (default 32)")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.5, help="HEARTBEAT_INTERVAL (default 0.5)")
+    parser.add_argument("--heartbeat-misses", type=int, default=3, help="HEARTBEAT_MISSES (default 3)")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main_async(args)))
+
+
+if __name__ == "__main__":
+    main()
