@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 USER ?= alice
 
-.PHONY: run test test-fast token bench bench-quick clean
+.PHONY: run test test-fast token bench bench-quick bench-failover admin clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick
+
+## Kill a worker under load, 10 times, and print recovery time, failures and lost writes.
+bench-failover: $(STAMP)
+	$(PY) bench/failover.py
+
+## Operator CLI against the running system: make admin ARGS="workers"
+admin: $(STAMP)
+	@$(VENV)/bin/sm-admin $(ARGS)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache
