@@ -25,6 +25,8 @@ HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
 HEADER_IF_MATCH = "If-Match"
 HEADER_CLIENT_IP = "Sm-Client-Ip"
 HEADER_READ_ONLY = "Sm-Read-Only"
+# The gateway made the Idempotency-Key itself: it only has to outlive the gateway's own retries.
+HEADER_KEY_GENERATED = "Sm-Key-Generated"
 
 # "No responders" is answered at once, so retrying often is cheap and finds the new owner soon.
 _BACKOFF_BASE = 0.01

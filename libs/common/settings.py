@@ -166,7 +166,6 @@ def validate_settings(s: Settings) -> Settings:
     check(1 <= s.shard_count <= 4096, "SHARD_COUNT must be between 1 and 4096")
     check(1 <= s.worker_count <= 256, "WORKER_COUNT must be between 1 and 256")
     check(1 <= s.worker_max_in_flight <= 10_000, "WORKER_MAX_IN_FLIGHT must be between 1 and 10000")
-    check(s.worker_max_in_flight < s.redis_max_connections * 64, "WORKER_MAX_IN_FLIGHT is too high for the Redis pool")
     check(2 <= s.redis_max_connections <= 1000, "REDIS_MAX_CONNECTIONS must be between 2 and 1000")
     check(s.worker_cache_max_sessions >= 1, "WORKER_CACHE_MAX_SESSIONS must be at least 1")
     check(0.05 <= s.heartbeat_interval <= 60, "HEARTBEAT_INTERVAL must be between 0.05 and 60 seconds")

@@ -1,7 +1,7 @@
 """OpenTelemetry set-up and W3C trace context carried in NATS headers.
 
 No exporter is configured unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-specific
-variable) is set, so an unconfigured deployment pays for span objects but never for export.
+variable) is set; without one, root spans are not sampled, so tracing costs almost nothing.
 """
 
 from __future__ import annotations
@@ -13,11 +13,17 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 
 def configure_tracing(service_name: str, **attributes: str) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name, **attributes}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+    exporting = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    # Without an exporter, new traces are not recorded (spans still get IDs, so logs carry
+    # trace_id and W3C context still flows); a caller's sampled traceparent is still honoured.
+    # OTEL_TRACES_SAMPLER, when set, decides instead.
+    sampler = None if exporting or os.environ.get("OTEL_TRACES_SAMPLER") else ParentBased(ALWAYS_OFF)
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name, **attributes}), sampler=sampler)
+    if exporting:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

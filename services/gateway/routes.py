@@ -73,6 +73,8 @@ def _base_headers(request: Request, principal: Principal, *, mutating: bool) -> 
             raise BadRequestError("Idempotency-Key must be 1-128 printable ASCII characters")
         # Without a client key the gateway still makes one, so its own retries never apply twice.
         headers[bus.HEADER_IDEMPOTENCY_KEY] = key or headers[bus.HEADER_REQUEST_ID]
+        if key is None:
+            headers[bus.HEADER_KEY_GENERATED] = "1"
     return headers
 
 

@@ -155,8 +155,10 @@ class Supervisor:
                 log.warning("control_loop_error", exc_info=True)
                 self._map = None
             self._changed.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel of shutdown.
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout=tick)
+                async with asyncio.timeout(tick):
+                    await self._changed.wait()
             except TimeoutError:
                 pass
 

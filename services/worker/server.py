@@ -21,7 +21,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import BucketNotFoundError
 from opentelemetry import trace
-from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessionmgr.common import bus, subjects
 from sessionmgr.common.errors import (
@@ -33,6 +34,7 @@ from sessionmgr.common.errors import (
     error_headers,
 )
 from sessionmgr.common.ids import is_valid_idempotency_key, is_valid_session_id
+from sessionmgr.common.redis_client import create_redis
 from sessionmgr.common.models import Heartbeat, ReleaseShard, ShardMap, WorkerBye, json_encoder, shard_map_decoder
 from sessionmgr.common.settings import Settings
 from sessionmgr.common.tracing import extract_trace_context
@@ -49,6 +51,8 @@ tracer = trace.get_tracer("sessionmgr.worker")
 HEADER_VERSION = "Sm-Version"
 HEADER_STATUS = "Sm-Status"
 _release_decoder = msgspec.json.Decoder(ReleaseShard)
+# Redis unreachable, slow or its pool exhausted: retryable, not an internal error.
+_STORAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
 
 
 class Worker:
@@ -71,16 +75,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
-            redis = Redis(
-                host=self.settings.db_host,
-                port=self.settings.db_port,
-                password=self.settings.db_password,
-                db=self.settings.db_index,
-                max_connections=self.settings.redis_max_connections,
-                socket_timeout=2.0,
-                socket_connect_timeout=2.0,
-                health_check_interval=5,
-            )
+            redis = create_redis(self.settings)
             stack.push_async_callback(redis.aclose)
             self.nc = await nats.connect(
                 self.settings.nats_url,
@@ -91,7 +86,7 @@ class Worker:
                 reconnect_time_wait=0.25,
             )
             stack.push_async_callback(self._close_nats)
-            store = SessionStore(redis, shard_count=self.settings.shard_count, idempotency_ttl_ms=self.settings.idempotency_ttl * 1000)
+            store = SessionStore(redis, shard_count=self.settings.shard_count)
             self.shards = ShardOwnership(
                 worker_id=self.worker_id,
                 nc=self.nc,
@@ -170,7 +165,7 @@ class Worker:
                 except SessionManagerError as error:
                     outcome, error_code = "error", error.code
                     await self._respond(msg, b"", error_headers(error))
-                except (ConnectionError, TimeoutError, OSError) as exc:
+                except _STORAGE_ERRORS as exc:
                     outcome, error_code = "error", StorageUnavailableError.code
                     log.warning("storage_unavailable", error=str(exc))
                     await self._respond(msg, b"", error_headers(StorageUnavailableError()))
@@ -202,6 +197,7 @@ class Worker:
             user_id=headers.get(bus.HEADER_USER) or None,
             admin=headers.get(bus.HEADER_ADMIN) == "1",
             read_only=headers.get(bus.HEADER_READ_ONLY) == "1",
+            idem_key_generated=headers.get(bus.HEADER_KEY_GENERATED) == "1",
             request_id=request_id,
             idem_key=idem_key,
             if_match=expected,
@@ -236,7 +232,7 @@ class Worker:
             await self._respond(msg, body, {HEADER_STATUS: "200"})
         except SessionManagerError as error:
             await self._respond(msg, b"", error_headers(error))
-        except (ConnectionError, TimeoutError, OSError):
+        except _STORAGE_ERRORS:
             await self._respond(msg, b"", error_headers(StorageUnavailableError()))
 
     async def _on_ping(self, msg: Msg) -> None:
@@ -281,7 +277,8 @@ class Worker:
                 log.debug("heartbeat_failed", exc_info=True)
             self._beat_now.clear()
             try:
-                await asyncio.wait_for(self._beat_now.wait(), self.settings.heartbeat_interval)
+                async with asyncio.timeout(self.settings.heartbeat_interval):
+                    await self._beat_now.wait()
             except TimeoutError:
                 pass
 

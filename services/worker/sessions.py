@@ -54,6 +54,8 @@ _update_decoder = msgspec.json.Decoder(UpdateSessionCommand)
 _list_decoder = msgspec.json.Decoder(ListSessionsQuery)
 _any_decoder = msgspec.json.Decoder()
 _MAX_VERSION_RETRIES = 3
+# Keys the gateway generated only guard its own retries (bounded by REQUEST_TIMEOUT); keep them a minute.
+GENERATED_KEY_TTL_MS = 60_000
 
 
 class Ownership(Protocol):
@@ -71,6 +73,7 @@ class Call:
     admin: bool
     request_id: str
     idem_key: str | None = None
+    idem_key_generated: bool = False
     read_only: bool = False
     if_match: int | None = None
     client_ip: str | None = None
@@ -282,6 +285,7 @@ class SessionService:
                     ttl_ms=self._settings.session_ttl * 1000,
                     idem_key=call.idem_key,
                     record=record,
+                    idem_ttl_ms=GENERATED_KEY_TTL_MS if call.idem_key_generated else self._settings.idempotency_ttl * 1000,
                 )
             if outcome.status == "OK":
                 if new is None:

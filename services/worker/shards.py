@@ -98,7 +98,8 @@ class ShardOwnership:
     async def _wait_idle(self, shard: int) -> None:
         async with self._idle:
             try:
-                await asyncio.wait_for(self._idle.wait_for(lambda: self._in_flight[shard] == 0), self._handoff_timeout)
+                async with asyncio.timeout(self._handoff_timeout):
+                    await self._idle.wait_for(lambda: self._in_flight[shard] == 0)
             except TimeoutError:
                 log.warning("release_in_flight_timeout", shard=shard, in_flight=self._in_flight[shard])
 
@@ -119,7 +120,8 @@ class ShardOwnership:
         """Wait until every shard has been given away (the supervisor moved them), or time out."""
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: not self._owned), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait_for(lambda: not self._owned)
             except TimeoutError:
                 return False
         return True

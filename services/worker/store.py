@@ -94,10 +94,9 @@ def decode_record(raw: bytes) -> IdempotencyRecord:
 
 
 class SessionStore:
-    def __init__(self, redis: Redis, *, shard_count: int, idempotency_ttl_ms: int) -> None:
+    def __init__(self, redis: Redis, *, shard_count: int) -> None:
         self._redis = redis
         self._shard_count = shard_count
-        self._idem_ttl_ms = idempotency_ttl_ms
         self._write = redis.register_script(_WRITE_SCRIPT)
         self._acquire = redis.register_script(_ACQUIRE_SCRIPT)
 
@@ -136,6 +135,7 @@ class SessionStore:
         ttl_ms: int,
         idem_key: str | None,
         record: IdempotencyRecord | None,
+        idem_ttl_ms: int,
     ) -> WriteOutcome:
         """Persist ``session`` (or delete it when ``None``) if our epoch and its version still hold."""
         idem = idempotency_key(shard, session_id, idem_key) if idem_key else idempotency_key(shard, session_id, "-")
@@ -148,7 +148,7 @@ class SessionStore:
                 b"" if session is None else json_encoder.encode(session),
                 ttl_ms,
                 encode_record(record) if (idem_key and record) else b"",
-                self._idem_ttl_ms,
+                idem_ttl_ms,
                 session_id,
             ],
         )

@@ -1,0 +1,28 @@
+"""The Redis client every service builds the same way.
+
+redis-py's default asyncio pool raises ``MaxConnectionsError`` the moment it is exhausted; the
+blocking pool makes a burst wait (bounded) for a free connection instead of failing requests.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from sessionmgr.common.settings import Settings
+
+POOL_WAIT_S = 2.0
+
+
+def create_redis(settings: Settings) -> Redis:
+    pool = BlockingConnectionPool(
+        host=settings.db_host,
+        port=settings.db_port,
+        password=settings.db_password,
+        db=settings.db_index,
+        max_connections=settings.redis_max_connections,
+        timeout=POOL_WAIT_S,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+        health_check_interval=5,
+    )
+    return Redis(connection_pool=pool)
