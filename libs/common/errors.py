@@ -76,6 +76,18 @@ class LimitExceededError(SessionManagerError):
     code, status, title = "limit_exceeded", 422, "A size or count limit was exceeded"
 
 
+class RateLimitedError(SessionManagerError):
+    """Too many requests from one user; ``retry_after`` (seconds) becomes the Retry-After header."""
+
+    code, status, title = "rate_limited", 429, "Too many requests"
+
+
+class SessionLimitError(SessionManagerError):
+    """The user already holds ``MAX_SESSIONS_PER_USER`` sessions: delete some first (not a rate: 409)."""
+
+    code, status, title = "session_limit_reached", 409, "Too many sessions for this user"
+
+
 class ServiceUnavailableError(SessionManagerError):
     code, status, title, retryable = "unavailable", 503, "No worker answered in time", True
 

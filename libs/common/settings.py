@@ -65,6 +65,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
     service_name: str = "session-manager"
+    # Security (issue 5): JWKS, rate limits, TLS, CORS. See README "Security".
+    jwt_jwks_url: str | None = None
+    rate_limit_per_minute: int = 6000
+    create_rate_limit_per_minute: int = 1200
+    max_sessions_per_user: int = 10_000
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    nats_tls_ca: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    db_tls: bool = False
+    db_tls_ca: str | None = None
+    cors_allow_origins: str = ""
 
     @property
     def is_development(self) -> bool:
@@ -73,6 +86,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def redis_url(self) -> str:
         return f"redis://{self.db_host}:{self.db_port}/{self.db_index}"
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
     @property
     def failure_timeout(self) -> float:
@@ -118,6 +135,19 @@ ENV_VARS: dict[str, str] = {
     "LOG_LEVEL": "log_level",
     "LOG_FORMAT": "log_format",
     "OTEL_SERVICE_NAME": "service_name",
+    # Security
+    "JWT_JWKS_URL": "jwt_jwks_url",
+    "RATE_LIMIT_PER_MINUTE": "rate_limit_per_minute",
+    "CREATE_RATE_LIMIT_PER_MINUTE": "create_rate_limit_per_minute",
+    "MAX_SESSIONS_PER_USER": "max_sessions_per_user",
+    "TLS_CERT_FILE": "tls_cert_file",
+    "TLS_KEY_FILE": "tls_key_file",
+    "NATS_TLS_CA": "nats_tls_ca",
+    "NATS_TLS_CERT": "nats_tls_cert",
+    "NATS_TLS_KEY": "nats_tls_key",
+    "DB_TLS": "db_tls",
+    "DB_TLS_CA": "db_tls_ca",
+    "CORS_ALLOW_ORIGINS": "cors_allow_origins",
 }
 
 _ENV_ALIASES = {"APP_ENV": "NODE_ENV"}
@@ -181,7 +211,7 @@ def validate_settings(s: Settings) -> Settings:
     check(256 <= s.max_context_bytes <= 1024 * 1024, "MAX_CONTEXT_BYTES must be between 256 B and 1 MiB")
     check(0 <= s.drain_timeout <= 120, "DRAIN_TIMEOUT must be between 0 and 120 seconds")
     check(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
-    check(s.jwt_algorithm == "HS256", "JWT_ALGORITHM must be HS256 (asymmetric keys come with JWKS support)")
+    _check_security(s, check)
     check(not s.worker_id or bool(_WORKER_ID_RE.match(s.worker_id)), "WORKER_ID may only hold A-Z a-z 0-9 _ -")
     if not s.is_development:
         check(s.jwt_secret != DEV_JWT_SECRET, "JWT_SECRET must be set outside development (NODE_ENV=production)")
@@ -189,6 +219,38 @@ def validate_settings(s: Settings) -> Settings:
     if problems:
         raise SettingsError("; ".join(problems))
     return s
+
+
+SYMMETRIC_JWT_ALGORITHMS = ("HS256", "HS384", "HS512")
+ASYMMETRIC_JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+def _check_security(s: Settings, check: Any) -> None:
+    algorithms = SYMMETRIC_JWT_ALGORITHMS + ASYMMETRIC_JWT_ALGORITHMS
+    check(s.jwt_algorithm in algorithms, f"JWT_ALGORITHM must be one of {', '.join(algorithms)} (never 'none')")
+    if s.jwt_algorithm in ASYMMETRIC_JWT_ALGORITHMS:
+        check(bool(s.jwt_jwks_url), f"JWT_ALGORITHM={s.jwt_algorithm} needs JWT_JWKS_URL (the identity provider's public keys)")
+    if s.jwt_jwks_url:
+        check(s.jwt_algorithm in ASYMMETRIC_JWT_ALGORITHMS, "JWT_JWKS_URL needs an asymmetric JWT_ALGORITHM such as RS256 or ES256")
+        check(s.jwt_jwks_url.startswith(("https://", "http://")), "JWT_JWKS_URL must be an http(s) URL")
+        if not s.is_development:
+            check(s.jwt_jwks_url.startswith("https://"), "JWT_JWKS_URL must use https outside development")
+    check(0 <= s.rate_limit_per_minute <= 1_000_000, "RATE_LIMIT_PER_MINUTE must be between 0 (off) and 1000000")
+    check(0 <= s.create_rate_limit_per_minute <= 1_000_000, "CREATE_RATE_LIMIT_PER_MINUTE must be between 0 (off) and 1000000")
+    check(0 <= s.max_sessions_per_user <= 10_000_000, "MAX_SESSIONS_PER_USER must be between 0 (off) and 10000000")
+    check(bool(s.tls_cert_file) == bool(s.tls_key_file), "TLS_CERT_FILE and TLS_KEY_FILE go together")
+    check(bool(s.nats_tls_cert) == bool(s.nats_tls_key), "NATS_TLS_CERT and NATS_TLS_KEY go together")
+    for var, path in (
+        ("TLS_CERT_FILE", s.tls_cert_file),
+        ("TLS_KEY_FILE", s.tls_key_file),
+        ("NATS_TLS_CA", s.nats_tls_ca),
+        ("NATS_TLS_CERT", s.nats_tls_cert),
+        ("NATS_TLS_KEY", s.nats_tls_key),
+        ("DB_TLS_CA", s.db_tls_ca),
+    ):
+        check(not path or os.path.isfile(path), f"{var} names a file that does not exist: {path}")
+    origins = s.cors_origins
+    check(all(o == "*" or o.startswith(("https://", "http://")) for o in origins), "CORS_ALLOW_ORIGINS is a comma-separated list of http(s) origins, or *")
 
 
 def default_worker_id() -> str:

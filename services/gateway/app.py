@@ -11,9 +11,11 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from sessionmgr.common.redis_client import create_redis
 from sessionmgr.common.settings import Settings
 from sessionmgr.gateway.auth import TokenVerifier
 from sessionmgr.gateway.problems import EXCEPTION_HANDLERS
+from sessionmgr.gateway.ratelimit import RateLimiter
 from sessionmgr.gateway.routes import SessionController, healthz, readyz
 from sessionmgr.gateway.state import GatewayState
 from sessionmgr.gateway.telemetry import tracing_middleware
@@ -41,7 +43,9 @@ async def add_security_headers(message: Message, scope: Scope) -> None:
 
 def create_app(settings: Settings) -> Litestar:
     workers = WorkerClient(settings)
-    state = GatewayState(settings=settings, verifier=TokenVerifier(settings), workers=workers)
+    redis = create_redis(settings) if RateLimiter.enabled(settings) else None
+    limiter = RateLimiter(redis, settings) if redis is not None else None
+    state = GatewayState(settings=settings, verifier=TokenVerifier(settings), workers=workers, limiter=limiter)
 
     @asynccontextmanager
     async def connect_bus(app: Litestar) -> AsyncIterator[None]:
@@ -50,6 +54,8 @@ def create_app(settings: Settings) -> Litestar:
             yield
         finally:
             await workers.close()
+            if redis is not None:
+                await redis.aclose()
 
     return Litestar(
         route_handlers=[SessionController, healthz, readyz],

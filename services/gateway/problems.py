@@ -34,7 +34,9 @@ def handle_domain_error(request: Request, exc: SessionManagerError) -> Response[
     headers: dict[str, str] = {}
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="session-manager", error="invalid_token"'
-    if exc.status == 503:
+    if "retry_after" in exc.extra:
+        headers["Retry-After"] = str(exc.extra["retry_after"])
+    elif exc.status == 503:
         headers["Retry-After"] = "1"
     return problem_response(exc.status, exc.code, exc.title, exc.detail, request.url.path, headers)
 

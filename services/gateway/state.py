@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sessionmgr.common.settings import Settings
 from sessionmgr.gateway.auth import TokenVerifier
+from sessionmgr.gateway.ratelimit import RateLimiter
 from sessionmgr.gateway.workers import WorkerClient
 
 
@@ -14,3 +15,4 @@ class GatewayState:
     settings: Settings
     verifier: TokenVerifier
     workers: WorkerClient
+    limiter: RateLimiter | None = None

@@ -1,0 +1,143 @@
+"""Per-user rate limits and the per-user session cap, shared by every gateway replica via Redis.
+
+One Lua script per request checks, atomically and on Redis's clock:
+
+* the user's request budget, ``RATE_LIMIT_PER_MINUTE`` (GCRA: a burst of up to N requests, then
+  N per minute; one key per user holding the "theoretical arrival time", with a TTL);
+* for ``POST /sessions`` also ``CREATE_RATE_LIMIT_PER_MINUTE`` (a second GCRA key);
+* for ``POST /sessions`` also ``MAX_SESSIONS_PER_USER``, counted on the worker's per-user index
+  ``sm:user:{<user>}:sessions`` (``ZCARD``).
+
+All three keys carry the user as hash tag, so they share one Redis Cluster slot. A refused request
+consumes nothing. Over a rate: 429 with ``Retry-After``; at the cap: 409 ``session_limit_reached``
+(waiting does not help, deleting sessions does). The index is a superset of the live sessions
+(entries of expired sessions are pruned lazily), so at the cap the oldest entries are checked
+and dead ones removed before the create is refused. Concurrent creates of one user can overshoot
+the cap by the number in flight; the create rate bounds that.
+
+If Redis cannot be reached the check lets the request through (logged, at most every 10 s): the
+limits protect capacity, they do not decide who may do what.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sessionmgr.common.errors import RateLimitedError, SessionLimitError
+from sessionmgr.common.hashing import shard_for
+from sessionmgr.common.settings import Settings
+from sessionmgr.worker.store import session_key, user_index_key
+
+log = structlog.get_logger(__name__)
+
+WINDOW_US = 60_000_000
+PRUNE_BATCH = 200
+_WARN_EVERY_S = 10.0
+
+# KEYS: [1] request bucket, [2] create bucket, [3] user index (2 and 3 only for creates)
+# ARGV: [1] request interval in µs (0 = off), [2] create interval in µs (0 = off), [3] session cap (0 = off)
+# -> {0, 0} allowed; {1, wait_us} rate limited; {2, sessions} at the cap
+_SCRIPT = """
+pcall(redis.replicate_commands)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = 60000000
+local wait = 0
+local updates = {}
+local intervals = {tonumber(ARGV[1]), tonumber(ARGV[2])}
+for i = 1, 2 do
+  local key, interval = KEYS[i], intervals[i]
+  if key and interval > 0 then
+    local tat = tonumber(redis.call('GET', key) or '0') or 0
+    if tat < now then tat = now end
+    local new_tat = tat + interval
+    local early = new_tat - window - now
+    if early > 0 then
+      if early > wait then wait = early end
+    else
+      updates[#updates + 1] = {key, new_tat}
+    end
+  end
+end
+if wait > 0 then return {1, wait} end
+local cap = tonumber(ARGV[3])
+if KEYS[3] and cap > 0 then
+  local n = redis.call('ZCARD', KEYS[3])
+  if n >= cap then return {2, n} end
+end
+for _, u in ipairs(updates) do
+  redis.call('SET', u[1], string.format('%d', u[2]), 'PX', math.ceil((u[2] - now) / 1000))
+end
+return {0, 0}
+"""
+
+
+def bucket_key(user_id: str, kind: str) -> str:
+    return f"sm:rl:{{{user_id}}}:{kind}"
+
+
+def _interval_us(per_minute: int) -> int:
+    return WINDOW_US // per_minute if per_minute > 0 else 0
+
+
+class RateLimiter:
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._script = redis.register_script(_SCRIPT)
+        self._shard_count = settings.shard_count
+        self._request_interval = _interval_us(settings.rate_limit_per_minute)
+        self._create_interval = _interval_us(settings.create_rate_limit_per_minute)
+        self._cap = settings.max_sessions_per_user
+        self._warned_at = float("-inf")
+
+    @staticmethod
+    def enabled(settings: Settings) -> bool:
+        return bool(settings.rate_limit_per_minute or settings.create_rate_limit_per_minute or settings.max_sessions_per_user)
+
+    async def check(self, user_id: str, *, create: bool = False) -> None:
+        """Raise :class:`RateLimitedError` or :class:`SessionLimitError`, or return if allowed."""
+        try:
+            verdict, value = await self._run(user_id, create)
+            if verdict == 2 and await self._prune(user_id):
+                verdict, value = await self._run(user_id, create)
+        except (RedisError, OSError, TimeoutError) as exc:
+            now = time.monotonic()
+            if now - self._warned_at >= _WARN_EVERY_S:
+                self._warned_at = now
+                log.warning("rate_limit_unavailable", error=type(exc).__name__)
+            return
+        if verdict == 1:
+            retry_after = max(1, math.ceil(value / 1_000_000))
+            what = "session creations" if create and self._create_interval else "requests"
+            raise RateLimitedError(f"too many {what} for this user; retry after {retry_after} s", retry_after=retry_after)
+        if verdict == 2:
+            raise SessionLimitError(f"this user already has {value} sessions (limit {self._cap}); delete some before creating more")
+
+    async def _run(self, user_id: str, create: bool) -> tuple[int, int]:
+        keys = [bucket_key(user_id, "requests")]
+        if create:
+            keys += [bucket_key(user_id, "creates"), user_index_key(user_id)]
+        args = [self._request_interval, self._create_interval if create else 0, self._cap if create else 0]
+        verdict, value = await self._script(keys=keys, args=args)
+        return int(verdict), int(value)
+
+    async def _prune(self, user_id: str) -> int:
+        """Drop index entries of sessions that no longer exist (oldest first); how many went."""
+        index = user_index_key(user_id)
+        members = await self._redis.zrange(index, 0, PRUNE_BATCH - 1)
+        ids = [m.split(b":", 1)[1].decode() for m in members if b":" in m]
+        if not ids:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for sid in ids:
+                pipe.exists(session_key(shard_for(sid, self._shard_count), sid))
+            exists = await pipe.execute()
+        dead = [m for m, alive in zip(members, exists, strict=True) if not alive]
+        if dead:
+            await self._redis.zrem(index, *dead)
+        return len(dead)
