@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import nats
 
-from sessionmgr.common import procs, subjects
+from sessionmgr.common import natsauth, procs, subjects
 from sessionmgr.common.hashing import shard_for
 from sessionmgr.common.models import ShardMap, heartbeat_decoder, shard_map_decoder
 from sessionmgr.gateway.auth import mint_token
@@ -174,7 +174,7 @@ async def main_async(args: argparse.Namespace) -> int:
     rows = []
     try:
         cluster.start()
-        nc = await nats.connect(cluster.env["NATS_URL"])
+        nc = await nats.connect(cluster.env["NATS_URL"], **natsauth.role_credentials("dev"))
         coverage = Coverage(failure_timeout)
         await nc.subscribe(f"{subjects.HEARTBEAT_PREFIX}.*", cb=coverage.on_beat)
         await coverage.wait_covered(set(cluster.workers))

@@ -48,7 +48,10 @@ async def _run(spec: NatsSpec, window: Window) -> dict[str, Any]:
     import nats
     import nats.errors
 
-    nc = await nats.connect(spec.url, name="sm-bench-nats-direct", max_reconnect_attempts=0, connect_timeout=5)
+    from sessionmgr.common.natsauth import role_credentials
+
+    # The path a NATS CLI user takes: nats.conf's cli user, sessions.<sid>.<op> subjects.
+    nc = await nats.connect(spec.url, name="sm-bench-nats-direct", **role_credentials("cli"), max_reconnect_attempts=0, connect_timeout=5)
     offset = time.perf_counter() - time.time()
     measure_start, end = window.measure_start + offset, window.end + offset
     subjects = [f"sessions.{sid}.context.incr" for sid in spec.session_ids]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from sessionmgr.common import procs
+from sessionmgr.common import natsauth, procs
 
 SHARD_COUNT = 64  # must equal the partition count of the mapping in nats.conf
 HEARTBEAT_INTERVAL_S = 0.5  # the services' default; the liveness window below follows it
@@ -104,7 +104,7 @@ async def _wait_covered(nats_url: str, *, workers: set[str] | None, timeout_s: f
         owned = sorted(s for shards in live.values() for s in shards)
         return live if owned == list(range(SHARD_COUNT)) else None
 
-    nc = await nats.connect(nats_url, name="sm-bench-watch", connect_timeout=5, max_reconnect_attempts=0)
+    nc = await nats.connect(nats_url, name="sm-bench-watch", **natsauth.role_credentials("dev"), connect_timeout=5, max_reconnect_attempts=0)
     try:
         await nc.subscribe("sm.hb.*", cb=on_beat)
         deadline = time.monotonic() + timeout_s

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from sessionmgr.common import procs
+from sessionmgr.common import natsauth, procs
 from sessionmgr.common.settings import SettingsError, load_settings
 
 
@@ -95,7 +95,8 @@ def _banner(port: int, nats_port: int, redis_port: int, workers: int) -> None:
 ==============================================================================
  Session Manager is running ({workers} workers)
    gateway   http://127.0.0.1:{port}   (OpenAPI: http://127.0.0.1:{port}/schema)
-   NATS      nats://127.0.0.1:{nats_port}   (nats req sessions.<id>.session.get '')
+   NATS      nats://127.0.0.1:{nats_port}   users per role (nats.conf); as the CLI user:
+             nats --user cli --password {natsauth.role_credentials("cli")["password"]} req sessions.<id>.session.get ''
    Redis     redis://127.0.0.1:{redis_port}
  Get a token:  make token USER=alice
    curl -H "Authorization: Bearer $(make -s token USER=alice)" -X POST http://127.0.0.1:{port}/sessions

@@ -62,3 +62,8 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     if tls is not None:
         options["tls"] = tls
     return options
+
+
+def role_credentials(role: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``nats.connect(**role_credentials("dev"))`` for tools and tests (development passwords by default)."""
+    return {"user": role, "password": server_env(environ)[password_var(role)]}

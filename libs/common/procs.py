@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from sessionmgr.common import natsauth
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NATS_CONF = REPO_ROOT / "nats.conf"
 
@@ -161,7 +163,8 @@ class ManagedProcess:
 
 def nats_server(port: int, store_dir: Path, *, log_path: Path | None = None, config: Path = NATS_CONF, extra: list[str] | None = None) -> ManagedProcess:
     argv = [nats_server_binary(), "-c", str(config), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir), *(extra or [])]
-    return ManagedProcess("nats-server", argv, log_path=log_path)
+    # nats.conf reads each role's password from the environment; unset ones get development values.
+    return ManagedProcess("nats-server", argv, env={**os.environ, **natsauth.server_env()}, log_path=log_path)
 
 
 def redis_server(port: int, data_dir: Path, *, log_path: Path | None = None, appendfsync: str = "everysec") -> ManagedProcess:
@@ -182,4 +185,6 @@ def redis_server(port: int, data_dir: Path, *, log_path: Path | None = None, app
 
 def service(module: str, name: str, env: dict[str, str], *, log_path: Path | None = None) -> ManagedProcess:
     """A Session Manager service, e.g. ``service("worker", "worker-1", env)`` -> ``python -m sessionmgr.worker``."""
-    return ManagedProcess(name, [sys.executable, "-m", f"sessionmgr.{module}"], env={**os.environ, **env}, log_path=log_path)
+    # Each service connects to NATS as its role's user unless ``env`` names another.
+    role = natsauth.role_env(module) if module in natsauth.ROLES else {}
+    return ManagedProcess(name, [sys.executable, "-m", f"sessionmgr.{module}"], env={**os.environ, **role, **env}, log_path=log_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from redis.asyncio import BlockingConnectionPool, Redis
 
 from sessionmgr.common.settings import Settings
+from sessionmgr.common.tls import redis_tls_options
 
 POOL_WAIT_S = 2.0
 
@@ -24,5 +25,6 @@ def create_redis(settings: Settings) -> Redis:
         socket_timeout=2.0,
         socket_connect_timeout=2.0,
         health_check_interval=5,
+        **redis_tls_options(settings),  # DB_TLS / DB_TLS_CA
     )
     return Redis(connection_pool=pool)

@@ -8,6 +8,7 @@ import uvicorn
 
 from sessionmgr.common.logging import configure_logging
 from sessionmgr.common.settings import SettingsError, load_settings
+from sessionmgr.common.tls import server_tls_options
 from sessionmgr.common.tracing import configure_tracing
 from sessionmgr.gateway.app import create_app
 
@@ -30,6 +31,7 @@ def main() -> None:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=int(settings.drain_timeout),
+            **server_tls_options(settings),  # HTTPS with TLS_CERT_FILE / TLS_KEY_FILE
         )
     finally:
         provider.shutdown()

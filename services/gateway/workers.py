@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 
 from sessionmgr.common import bus, subjects
+from sessionmgr.common.natsauth import connect_options
 from sessionmgr.common.models import heartbeat_decoder
 from sessionmgr.common.settings import Settings
 from sessionmgr.common.tracing import inject_trace_headers
@@ -31,8 +32,7 @@ class WorkerClient:
         self.nc = await nats.connect(
             self._settings.nats_url,
             name="gateway",
-            user=self._settings.nats_user,
-            password=self._settings.nats_password,
+            **connect_options(self._settings),  # NATS_USER/NATS_PASSWORD, NATS_TLS_*, own inbox prefix
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.25,
             connect_timeout=2,

@@ -16,6 +16,7 @@ import nats
 
 from sessionmgr.common import subjects
 from sessionmgr.common.models import AdminReply, ClusterStatus, DrainWorker, MoveShard, json_encoder
+from sessionmgr.common.natsauth import connect_options, role_credentials
 from sessionmgr.common.settings import SettingsError, load_settings
 
 _status_decoder = msgspec.json.Decoder(ClusterStatus)
@@ -47,7 +48,11 @@ def _print_map(status: ClusterStatus) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     settings = load_settings()
-    nc = await nats.connect(settings.nats_url, user=settings.nats_user, password=settings.nats_password, connect_timeout=3, max_reconnect_attempts=1)
+    if settings.nats_user is None and settings.is_development:
+        # `make admin` against `make run`: the development password of nats.conf's cli user.
+        creds = role_credentials("cli")
+        settings = settings.with_overrides(nats_user=creds["user"], nats_password=creds["password"])
+    nc = await nats.connect(settings.nats_url, name="sm-admin", **connect_options(settings), connect_timeout=3, max_reconnect_attempts=1)
     try:
         if args.command in ("workers", "map"):
             msg = await nc.request(subjects.ADMIN_STATUS, b"", timeout=args.timeout)

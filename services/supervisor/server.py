@@ -28,6 +28,7 @@ from sessionmgr.common.models import (
     json_encoder,
     shard_map_decoder,
 )
+from sessionmgr.common.natsauth import connect_options
 from sessionmgr.common.settings import Settings
 from sessionmgr.supervisor.assignment import initial_map, reassign
 from sessionmgr.supervisor.lease import LeaderLeaseHolder
@@ -60,8 +61,7 @@ class Supervisor:
             self.nc = await nats.connect(
                 self.settings.nats_url,
                 name=f"supervisor-{self.supervisor_id}",
-                user=self.settings.nats_user,
-                password=self.settings.nats_password,
+                **connect_options(self.settings),  # NATS_USER/NATS_PASSWORD, NATS_TLS_*, own inbox prefix
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25,
             )

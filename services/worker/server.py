@@ -34,6 +34,7 @@ from sessionmgr.common.errors import (
     error_headers,
 )
 from sessionmgr.common.ids import is_valid_idempotency_key, is_valid_session_id
+from sessionmgr.common.natsauth import connect_options
 from sessionmgr.common.redis_client import create_redis
 from sessionmgr.common.models import Heartbeat, ReleaseShard, ShardMap, WorkerBye, json_encoder, shard_map_decoder
 from sessionmgr.common.settings import Settings
@@ -80,8 +81,7 @@ class Worker:
             self.nc = await nats.connect(
                 self.settings.nats_url,
                 name=f"worker-{self.worker_id}",
-                user=self.settings.nats_user,
-                password=self.settings.nats_password,
+                **connect_options(self.settings),  # NATS_USER/NATS_PASSWORD, NATS_TLS_*, own inbox prefix
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25,
             )

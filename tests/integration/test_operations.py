@@ -10,6 +10,7 @@ import time
 
 from litestar.testing import AsyncTestClient
 
+from sessionmgr.common import natsauth
 from sessionmgr.gateway.app import create_app
 from tests.conftest import auth
 from tests.support.cluster import env_for, read_shard_map
@@ -18,7 +19,7 @@ from tests.support.cluster import env_for, read_shard_map
 async def sm_admin(settings, *args: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sessionmgr.supervisor.cli", *args,
-        env={**os.environ, **env_for(settings)},
+        env={**os.environ, **env_for(settings), **natsauth.role_env("cli")},  # nats.conf's operator user
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()

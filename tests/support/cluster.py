@@ -18,7 +18,7 @@ import nats
 from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
 
-from sessionmgr.common import procs, subjects
+from sessionmgr.common import natsauth, procs, subjects
 from sessionmgr.common.models import Heartbeat, heartbeat_decoder, shard_map_decoder
 from sessionmgr.common.settings import Settings, validate_settings
 
@@ -64,6 +64,10 @@ class Servers:
             db_host="127.0.0.1",
             db_port=self.redis_port,
             jwt_secret=TEST_JWT_SECRET,
+            # In-process components of a test are gateways; worker and supervisor processes get
+            # their own NATS users (Cluster.start_*), test helpers the full-access dev user.
+            nats_user="gateway",
+            nats_password=natsauth.role_credentials("gateway")["password"],
             heartbeat_interval=0.2,
             heartbeat_misses=3,
             log_format="json",
@@ -99,14 +103,14 @@ class Cluster:
 
     def start_supervisor(self, name: str | None = None) -> str:
         name = name or f"supervisor-{len(self.supervisors) + 1}"
-        env = {**env_for(self.settings), "SUPERVISOR_ID": name}
+        env = {**env_for(self.settings), **natsauth.role_env("supervisor"), "SUPERVISOR_ID": name}
         self.supervisors[name] = procs.service("supervisor", name, env, log_path=self._log(name)).start()
         return name
 
     def start_worker(self, name: str | None = None) -> str:
         self._next_worker += 1
         name = name or f"w{self._next_worker}-{time.monotonic_ns() % 100000}"
-        env = {**env_for(self.settings), "WORKER_ID": name}
+        env = {**env_for(self.settings), **natsauth.role_env("worker"), "WORKER_ID": name}
         self.workers[name] = procs.service("worker", name, env, log_path=self._log(name)).start()
         return name
 
@@ -121,7 +125,7 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def nats_client(url: str) -> AsyncIterator[NATS]:
-    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    nc = await nats.connect(url, **natsauth.role_credentials("dev"), max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     try:
         yield nc
     finally:

@@ -29,6 +29,7 @@ MODULE_FOR = {"supervisor": "sessionmgr.supervisor", "worker": "sessionmgr.worke
 EXTRA_ALLOWED = {"SUPERVISOR_ID"}
 EXTRA_ALLOWED_PREFIXES = ("OTEL_",)
 TEST_SECRET = "compose-test-secret-0123456789abcdef0123"
+NATS_ROLES = ("gateway", "worker", "supervisor", "cli", "dev")
 
 _VAR_RE = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 
@@ -96,7 +97,7 @@ def _host_env_for(compose: dict[str, Any]) -> dict[str, str]:
             for value in _environment(compose["services"][name]).values():
                 interpolate(value, {})
     except MissingRequired:
-        return {"JWT_SECRET": TEST_SECRET}
+        return {"JWT_SECRET": TEST_SECRET, **{f"NATS_{role.upper()}_PASSWORD": f"compose-{role}-password" for role in NATS_ROLES}}
     return {}
 
 
@@ -165,7 +166,7 @@ def test_the_jwt_secret_is_required_or_development_only(compose: dict[str, Any])
 
 
 def test_host_overrides_are_honoured(compose: dict[str, Any]) -> None:
-    host_env = {"JWT_SECRET": TEST_SECRET, "SESSION_TTL": "120", "NODE_ENV": "production"}
+    host_env = {**_host_env_for(compose), "JWT_SECRET": TEST_SECRET, "SESSION_TTL": "120", "NODE_ENV": "production"}
     settings = _service_settings(compose["services"]["worker"], host_env)
     assert settings.session_ttl == 120
     assert settings.jwt_secret == TEST_SECRET
