@@ -35,11 +35,23 @@ def nats_tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def redis_tls_options(settings: Settings) -> dict[str, Any]:
-    """Extra connection-pool arguments for redis-py: TLS with certificate and host name checks."""
+    """Extra connection-pool arguments for redis-py: TLS with certificate and host name checks.
+
+    redis-py builds a new SSLContext for every connection (loading the system CA store and the CA
+    file each time: tens of milliseconds of CPU), enough for a pool that opens dozens of
+    connections at once to time out. Every connection of the pool shares one context instead.
+    """
     if not settings.db_tls:
         return {}
+    context = client_context(settings.db_tls_ca)
+
+    class SharedContextSSLConnection(SSLConnection):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.ssl_context.context = context  # RedisSSLContext.get() returns it as built
+
     return {
-        "connection_class": SSLConnection,
+        "connection_class": SharedContextSSLConnection,
         "ssl_ca_certs": settings.db_tls_ca,
         "ssl_cert_reqs": "required",
         "ssl_check_hostname": True,

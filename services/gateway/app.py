@@ -14,6 +14,8 @@ from litestar.openapi.spec import Components, SecurityScheme
 from sessionmgr.common.redis_client import create_redis
 from sessionmgr.common.settings import Settings
 from sessionmgr.gateway.auth import TokenVerifier
+from sessionmgr.gateway.cors import cors_config
+from sessionmgr.gateway.openapi_errors import READY_ERRORS, READY_RESPONSES, document_errors
 from sessionmgr.gateway.problems import EXCEPTION_HANDLERS
 from sessionmgr.gateway.ratelimit import RateLimiter
 from sessionmgr.gateway.routes import SessionController, healthz, readyz
@@ -43,6 +45,8 @@ async def add_security_headers(message: Message, scope: Scope) -> None:
 
 def create_app(settings: Settings) -> Litestar:
     workers = WorkerClient(settings)
+    document_errors([SessionController])
+    document_errors([readyz], READY_ERRORS, READY_RESPONSES)
     redis = create_redis(settings) if RateLimiter.enabled(settings) else None
     limiter = RateLimiter(redis, settings) if redis is not None else None
     state = GatewayState(settings=settings, verifier=TokenVerifier(settings), workers=workers, limiter=limiter)
@@ -63,6 +67,7 @@ def create_app(settings: Settings) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         middleware=[tracing_middleware],
         before_send=[add_security_headers],
+        cors_config=cors_config(settings),  # None (off) unless CORS_ALLOW_ORIGINS is set
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Session Manager",

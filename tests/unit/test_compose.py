@@ -310,3 +310,24 @@ def test_interpolation_helper(template: str, env: dict[str, str], expected: str)
 def test_interpolation_helper_required() -> None:
     with pytest.raises(MissingRequired):
         interpolate("${A:?set A}", {})
+
+
+# ---- NATS users (nats.conf) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", OUR_SERVICES)
+def test_each_service_connects_as_its_own_nats_user(compose: dict[str, Any], name: str) -> None:
+    host_env = _host_env_for(compose)
+    settings = _service_settings(compose["services"][name], host_env)
+    assert settings.nats_user == name
+    assert settings.nats_password == host_env[f"NATS_{name.upper()}_PASSWORD"]
+
+
+def test_nats_gets_every_users_password_and_requires_them(compose: dict[str, Any]) -> None:
+    env = _environment(compose["services"]["nats"])
+    conf = NATS_CONF.read_text()
+    for role in NATS_ROLES:
+        var = f"NATS_{role.upper()}_PASSWORD"
+        assert f"${var}" in conf, f"nats.conf does not read {var}"
+        with pytest.raises(MissingRequired):
+            interpolate(env[var], {})
