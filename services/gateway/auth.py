@@ -134,8 +134,16 @@ class TokenVerifier:
         if not isinstance(sub, str) or not is_valid_user_id(sub):
             raise AuthenticationError("token 'sub' must be 1-128 printable characters without whitespace")
         scope = claims.get("scope")
-        scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
-        return Principal(user_id=sub, scopes=scopes, scoped=isinstance(scope, str)), float(claims["exp"]) + _LEEWAY_S
+        if scope is None:
+            scopes, scoped = frozenset(), False
+        elif isinstance(scope, str):  # RFC 8693: space-separated
+            scopes, scoped = frozenset(scope.split()), True
+        elif isinstance(scope, list) and all(isinstance(item, str) for item in scope):  # some IdPs send an array
+            scopes, scoped = frozenset(scope), True
+        else:
+            # Never let an unreadable scope claim fall back to "unscoped" (full rights).
+            raise AuthenticationError("token 'scope' must be a space-separated string or a list of strings")
+        return Principal(user_id=sub, scopes=scopes, scoped=scoped), float(claims["exp"]) + _LEEWAY_S
 
 
 def mint_token(secret: str, user_id: str, *, ttl_s: int = 24 * 3600, scope: str | None = None) -> str:
