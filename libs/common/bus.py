@@ -42,8 +42,13 @@ async def request(
     deadline: float,
     attempt_timeout: float,
     on_no_responders: Callable[[str], Awaitable[None]] | None = None,
+    on_retry: Callable[[str], None] | None = None,
 ) -> Msg:
-    """Send until a worker answers, a terminal error comes back, or ``deadline`` (monotonic) passes."""
+    """Send until a worker answers, a terminal error comes back, or ``deadline`` (monotonic) passes.
+
+    ``on_retry(reason)`` is told about each retry: ``no_responders``, ``timeout`` or the
+    retryable error's code (``not_owner``, ``storage_unavailable``, ...).
+    """
     attempt = 0
     while True:
         remaining = deadline - time.monotonic()
@@ -55,10 +60,11 @@ async def request(
         try:
             msg = await nc.request(subject, payload, timeout=min(attempt_timeout, remaining), headers=headers)
         except nats.errors.NoRespondersError:
+            reason = "no_responders"
             if on_no_responders is not None:
                 await on_no_responders(subject)
         except nats.errors.TimeoutError:
-            pass
+            reason = "timeout"
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError):
             raise ServiceUnavailableError("message bus unavailable") from None
         else:
@@ -67,6 +73,9 @@ async def request(
                 return msg
             if not error.retryable:
                 raise error
+            reason = error.code
+        if on_retry is not None:
+            on_retry(reason)
         attempt += 1
         delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))

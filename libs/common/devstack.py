@@ -18,6 +18,12 @@ from urllib.parse import urlparse
 from sessionmgr.common import natsauth, procs
 from sessionmgr.common.settings import SettingsError, load_settings
 
+DEFAULT_METRICS_PORT = 9400
+
+
+def _metrics_env(ports: list[int], index: int) -> dict[str, str]:
+    return {"METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(ports[index])} if ports else {"METRICS_PORT": "0"}
+
 
 def main() -> None:
     try:
@@ -26,7 +32,12 @@ def main() -> None:
         sys.exit(f"make run: {exc}")
     data = Path(os.environ.get("SM_DATA_DIR", procs.REPO_ROOT / ".data"))
     nats_port = urlparse(settings.nats_url).port or 4222
-    for port, what, var in ((nats_port, "NATS", "NATS_URL"), (settings.db_port, "Redis", "DB_PORT"), (settings.port, "the gateway", "PORT")):
+    # Metrics listeners: the supervisor on METRICS_PORT (9400 unless set; 0 turns them off), worker i on +i.
+    metrics_base = settings.metrics_port if "METRICS_PORT" in os.environ else DEFAULT_METRICS_PORT
+    metrics_ports = [metrics_base + i for i in range(settings.worker_count + 1)] if metrics_base else []
+    checks = [(nats_port, "NATS", "NATS_URL"), (settings.db_port, "Redis", "DB_PORT"), (settings.port, "the gateway", "PORT")]
+    checks += [(port, "a metrics listener", "METRICS_PORT") for port in metrics_ports]
+    for port, what, var in checks:
         if procs.port_open(port):
             sys.exit(f"make run: port {port} for {what} is already in use; stop what holds it or set {var}")
 
@@ -56,11 +67,11 @@ def main() -> None:
     try:
         launch(procs.nats_server(nats_port, data / "nats"), nats_port)
         launch(procs.redis_server(settings.db_port, data / "redis"), settings.db_port)
-        launch(procs.service("supervisor", "supervisor", {**env, "SUPERVISOR_ID": "supervisor-1"}))
+        launch(procs.service("supervisor", "supervisor", {**env, **_metrics_env(metrics_ports, 0), "SUPERVISOR_ID": "supervisor-1"}))
         for index in range(1, settings.worker_count + 1):
-            launch(procs.service("worker", f"worker-{index}", {**env, "WORKER_ID": f"worker-{index}"}))
+            launch(procs.service("worker", f"worker-{index}", {**env, **_metrics_env(metrics_ports, index), "WORKER_ID": f"worker-{index}"}))
         launch(procs.service("gateway", "gateway", env), settings.port)
-        _banner(settings.port, nats_port, settings.db_port, settings.worker_count)
+        _banner(settings.port, nats_port, settings.db_port, settings.worker_count, metrics_ports)
         pending: dict[str, bytes] = {}
         while not stopping:
             for key, _ in selector.select(timeout=0.5):
@@ -89,7 +100,12 @@ def main() -> None:
         sys.stdout.write("all stopped.\n")
 
 
-def _banner(port: int, nats_port: int, redis_port: int, workers: int) -> None:
+def _banner(port: int, nats_port: int, redis_port: int, workers: int, metrics_ports: list[int]) -> None:
+    metrics = (
+        f"http://127.0.0.1:{port}/metrics (gateway), :{metrics_ports[0]} (supervisor), :{metrics_ports[1]}-{metrics_ports[-1]} (workers)"
+        if metrics_ports
+        else f"http://127.0.0.1:{port}/metrics (gateway; METRICS_PORT=0 turned the others off)"
+    )
     print(
         f"""
 ==============================================================================
@@ -98,6 +114,7 @@ def _banner(port: int, nats_port: int, redis_port: int, workers: int) -> None:
    NATS      nats://127.0.0.1:{nats_port}   users per role (nats.conf); as the CLI user:
              nats --user cli --password {natsauth.role_credentials("cli")["password"]} req sessions.<id>.session.get ''
    Redis     redis://127.0.0.1:{redis_port}
+   metrics   {metrics}
  Get a token:  make token USER=alice
    curl -H "Authorization: Bearer $(make -s token USER=alice)" -X POST http://127.0.0.1:{port}/sessions
  Ctrl-C stops everything.

@@ -126,6 +126,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     in_flight: int
     shards: list[int]
     draining: bool = False
+    degraded: bool = False  # Redis unreachable or changes queued (degraded mode)
 
 
 class WorkerBye(msgspec.Struct, kw_only=True):
@@ -204,6 +205,50 @@ class LeaderLease(msgspec.Struct, kw_only=True):
     renewed_at: float
 
 
+class SessionEvent(msgspec.Struct, kw_only=True):
+    """Published on ``sm.events.<session_id>.<type>`` after the change it describes was persisted."""
+
+    id: str
+    type: str  # created | updated | terminated | expired | request.applied
+    session_id: str
+    user_id: str
+    version: int
+    timestamp: datetime
+    data: Any = None
+
+
+class QueuedReply(msgspec.Struct, kw_only=True):
+    """The 202 body: the change is stored durably and will be applied when storage is back."""
+
+    request_id: str
+    status: str
+
+
+class QueuedRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A change accepted while Redis was down, replayed by the shard's owner when it is back."""
+
+    request_id: str
+    session_id: str
+    op: str
+    payload: bytes
+    headers: dict[str, str]
+    queued_at: datetime
+
+
+class RequestStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``GET /sessions/{id}/requests/{request_id}``: queued, applied (with the result) or rejected."""
+
+    request_id: str
+    session_id: str
+    status: str  # queued | applied | rejected
+    user_id: str | None = None
+    queued_at: datetime | None = None
+    applied_at: datetime | None = None
+    http_status: int | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+
+
 # Cached codecs: building them per call costs more than the encode itself.
 json_encoder = msgspec.json.Encoder()
 session_decoder = msgspec.json.Decoder(Session)
@@ -211,3 +256,6 @@ session_view_decoder = msgspec.json.Decoder(SessionView)
 heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 shard_map_decoder = msgspec.json.Decoder(ShardMap)
 lease_decoder = msgspec.json.Decoder(LeaderLease)
+event_decoder = msgspec.json.Decoder(SessionEvent)
+queued_request_decoder = msgspec.json.Decoder(QueuedRequest)
+request_status_decoder = msgspec.json.Decoder(RequestStatus)

@@ -61,10 +61,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_interval: float = 0.5
     heartbeat_misses: int = 3
     drain_timeout: float = 5.0
+    expiry_sweep_interval: float = 1.0
     # Observability
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
     service_name: str = "session-manager"
+    # Metrics (issue 6): workers and supervisors serve Prometheus /metrics on METRICS_PORT
+    # (0 = off; one port per process on a shared host); the gateway serves it on PORT.
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 0
     # Security (issue 5): JWKS, rate limits, TLS, CORS. See README "Security".
     jwt_jwks_url: str | None = None
     rate_limit_per_minute: int = 6000
@@ -132,9 +137,13 @@ ENV_VARS: dict[str, str] = {
     "HEARTBEAT_INTERVAL": "heartbeat_interval",
     "HEARTBEAT_MISSES": "heartbeat_misses",
     "DRAIN_TIMEOUT": "drain_timeout",
+    "EXPIRY_SWEEP_INTERVAL": "expiry_sweep_interval",
     "LOG_LEVEL": "log_level",
     "LOG_FORMAT": "log_format",
     "OTEL_SERVICE_NAME": "service_name",
+    # Metrics
+    "METRICS_HOST": "metrics_host",
+    "METRICS_PORT": "metrics_port",
     # Security
     "JWT_JWKS_URL": "jwt_jwks_url",
     "RATE_LIMIT_PER_MINUTE": "rate_limit_per_minute",
@@ -210,6 +219,8 @@ def validate_settings(s: Settings) -> Settings:
     check(1 <= s.max_metadata_keys <= 1000, "MAX_METADATA_KEYS must be between 1 and 1000")
     check(256 <= s.max_context_bytes <= 1024 * 1024, "MAX_CONTEXT_BYTES must be between 256 B and 1 MiB")
     check(0 <= s.drain_timeout <= 120, "DRAIN_TIMEOUT must be between 0 and 120 seconds")
+    check(0 <= s.metrics_port <= 65535, "METRICS_PORT must be a TCP port (1-65535), or 0 for no metrics listener")
+    check(0.05 <= s.expiry_sweep_interval <= 3600, "EXPIRY_SWEEP_INTERVAL must be between 0.05 and 3600 seconds")
     check(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
     _check_security(s, check)
     check(not s.worker_id or bool(_WORKER_ID_RE.match(s.worker_id)), "WORKER_ID may only hold A-Z a-z 0-9 _ -")

@@ -2,33 +2,48 @@
 
 No exporter is configured unless ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-specific
 variable) is set; without one, root spans are not sampled, so tracing costs almost nothing.
+With one, the SDK reads the other ``OTEL_*`` variables itself: ``OTEL_EXPORTER_OTLP_HEADERS``,
+``_TIMEOUT`` and ``_COMPRESSION``, ``OTEL_TRACES_SAMPLER`` and ``_ARG``, ``OTEL_BSP_*`` (batching),
+``OTEL_RESOURCE_ATTRIBUTES``; ``OTEL_TRACES_EXPORTER=none`` turns export off.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 
-def configure_tracing(service_name: str, **attributes: str) -> TracerProvider:
-    exporting = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+def configure_tracing(service_name: str, *, exporter: SpanExporter | None = None, set_global: bool = True, **attributes: str) -> TracerProvider:
+    """The process's tracer provider. Tests pass their own ``exporter`` and ``set_global=False``
+    (the global provider can be set only once per process) and hand the provider to the app."""
+    exporting = exporter is not None or _otlp_endpoint_configured()
     # Without an exporter, new traces are not recorded (spans still get IDs, so logs carry
     # trace_id and W3C context still flows); a caller's sampled traceparent is still honoured.
     # OTEL_TRACES_SAMPLER, when set, decides instead.
     sampler = None if exporting or os.environ.get("OTEL_TRACES_SAMPLER") else ParentBased(ALWAYS_OFF)
     provider = TracerProvider(resource=Resource.create({"service.name": service_name, **attributes}), sampler=sampler)
     if exporting:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
+            exporter = OTLPSpanExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    if set_global:
+        trace.set_tracer_provider(provider)
     return provider
+
+
+def _otlp_endpoint_configured() -> bool:
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
 def inject_trace_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -38,3 +53,42 @@ def inject_trace_headers(headers: dict[str, str]) -> dict[str, str]:
 
 def extract_trace_context(headers: dict[str, str] | None) -> otel_context.Context:
     return propagate.extract(headers or {})
+
+
+class RecentLinks:
+    """Links to recent messages that may cause later work (a hint that leads to a reassignment).
+
+    Kept for ``max_age`` seconds, at most ``limit`` of them; :meth:`take` hands them to the span
+    of the work they caused and forgets them.
+    """
+
+    def __init__(self, max_age: float, limit: int = 16) -> None:
+        self._max_age = max_age
+        self._limit = limit
+        self._links: list[tuple[float, trace.Link]] = []
+
+    def add(self, link: trace.Link | None) -> None:
+        if link is not None:
+            self._links = [*self._links[-(self._limit - 1) :], (time.monotonic(), link)]
+
+    def take(self) -> list[trace.Link]:
+        oldest = time.monotonic() - self._max_age
+        links = [link for at, link in self._links if at >= oldest]
+        self._links = []
+        return links
+
+
+def log_ids(span: trace.Span) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of ``span`` for a log line (empty if it has none)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
+
+
+def link_from_headers(headers: dict[str, str] | None, **attributes: str) -> trace.Link | None:
+    """A span link to the trace a message came from (its ``traceparent``), if it carried one."""
+    if not headers or "traceparent" not in headers:
+        return None
+    context = trace.get_current_span(extract_trace_context(headers)).get_span_context()
+    return trace.Link(context, attributes) if context.is_valid else None

@@ -10,6 +10,8 @@ from litestar.types import Message, Scope
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from opentelemetry import trace
+from opentelemetry.trace import TracerProvider
 
 from sessionmgr.common.redis_client import create_redis
 from sessionmgr.common.settings import Settings
@@ -20,7 +22,8 @@ from sessionmgr.gateway.problems import EXCEPTION_HANDLERS
 from sessionmgr.gateway.ratelimit import RateLimiter
 from sessionmgr.gateway.routes import SessionController, healthz, readyz
 from sessionmgr.gateway.state import GatewayState
-from sessionmgr.gateway.telemetry import tracing_middleware
+from sessionmgr.gateway.metrics import GatewayMetrics, metrics_route
+from sessionmgr.gateway.telemetry import instrument_http
 from sessionmgr.gateway.workers import WorkerClient
 
 SECURITY_HEADERS = {
@@ -43,8 +46,11 @@ async def add_security_headers(message: Message, scope: Scope) -> None:
         message["headers"] = headers  # type: ignore[typeddict-unknown-key]
 
 
-def create_app(settings: Settings) -> Litestar:
-    workers = WorkerClient(settings)
+def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> Litestar:
+    """``tracer_provider``: the global one unless given (tests pass their own exporting provider)."""
+    metrics = GatewayMetrics()
+    tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("sessionmgr.gateway")
+    workers = WorkerClient(settings, metrics=metrics, tracer=tracer)
     document_errors([SessionController])
     document_errors([readyz], READY_ERRORS, READY_RESPONSES)
     redis = create_redis(settings) if RateLimiter.enabled(settings) else None
@@ -61,11 +67,10 @@ def create_app(settings: Settings) -> Litestar:
             if redis is not None:
                 await redis.aclose()
 
-    return Litestar(
-        route_handlers=[SessionController, healthz, readyz],
+    app = Litestar(
+        route_handlers=[SessionController, healthz, readyz, metrics_route(metrics)],
         lifespan=[connect_bus],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        middleware=[tracing_middleware],
         before_send=[add_security_headers],
         cors_config=cors_config(settings),  # None (off) unless CORS_ALLOW_ORIGINS is set
         request_max_body_size=settings.max_body_bytes,
@@ -78,3 +83,6 @@ def create_app(settings: Settings) -> Litestar:
         state=State({"gateway": state}),
         debug=False,
     )
+    # Around the whole handler, router included, so unmatched routes (404/405) are measured too.
+    app.asgi_handler = instrument_http(app.asgi_handler, metrics=metrics, tracer=tracer)
+    return app

@@ -10,7 +10,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, Parameter
 
 from sessionmgr.common import bus, subjects
-from sessionmgr.common.errors import BadRequestError, ForbiddenError, ServiceUnavailableError
+from sessionmgr.common.errors import BadRequestError, ForbiddenError, NotFoundError, ServiceUnavailableError
 from sessionmgr.common.ids import (
     is_valid_action,
     is_valid_idempotency_key,
@@ -25,6 +25,8 @@ from sessionmgr.common.models import (
     CreateSessionBody,
     CreateSessionCommand,
     ListSessionsQuery,
+    QueuedReply,
+    RequestStatus,
     SessionPage,
     SessionView,
     UpdateSessionBody,
@@ -38,6 +40,8 @@ from sessionmgr.gateway.state import GatewayState
 JSON = "application/json"
 HEADER_VERSION = "Sm-Version"
 HEADER_STATUS = "Sm-Status"
+HEADER_QUEUED = "Sm-Queued-Request"
+HEADER_STALE = "Sm-Stale"
 
 
 def _state(request: Request) -> GatewayState:
@@ -89,12 +93,18 @@ def _if_match(request: Request) -> str | None:
     return value
 
 
-def _reply(msg_data: bytes, headers: dict[str, str] | None, *, extra: dict[str, str] | None = None) -> Response[bytes]:
+def _reply(msg_data: bytes, headers: dict[str, str] | None, *, session_id: str | None = None, extra: dict[str, str] | None = None) -> Response[bytes]:
     headers = headers or {}
     status = int(headers.get(HEADER_STATUS, "200"))
     out = dict(extra or {})
     if HEADER_VERSION in headers:
         out["ETag"] = f'"{headers[HEADER_VERSION]}"'
+    if status == 202 and session_id and HEADER_QUEUED in headers:
+        # Accepted while storage is away: the change is queued durably; poll its status here.
+        out["Location"] = f"/sessions/{session_id}/requests/{headers[HEADER_QUEUED]}"
+    if headers.get(HEADER_STALE) == "1":
+        out["Warning"] = '110 - "Response is Stale"'
+        out["X-Session-Stale"] = "true"
     if status == 204:
         return Response(b"", status_code=204, headers=out)
     return Response(msg_data, status_code=status, media_type=JSON, headers=out)
@@ -132,7 +142,7 @@ class SessionController(Controller):
             headers[bus.HEADER_CLIENT_IP] = request.client.host
         payload = json_encoder.encode(CreateSessionCommand(metadata=metadata))
         body, reply_headers = await _forward(request, session_id, subjects.OP_CREATE, payload, headers)
-        return _reply(body, reply_headers, extra={"Location": f"/sessions/{session_id}"})
+        return _reply(body, reply_headers, session_id=session_id, extra={"Location": f"/sessions/{session_id}"})
 
     @get("/", summary="List the caller's sessions", responses={200: ResponseSpec(data_container=SessionPage)})
     async def list_sessions(
@@ -159,7 +169,7 @@ class SessionController(Controller):
         _checked_session_id(session_id)
         headers = _base_headers(request, principal, mutating=False)
         body, reply_headers = await _forward(request, session_id, subjects.OP_GET, b"", headers)
-        return _reply(body, reply_headers)
+        return _reply(body, reply_headers, session_id=session_id)
 
     @put("/{session_id:str}", summary="Change state or metadata", responses={200: ResponseSpec(data_container=SessionView)})
     async def update_session(self, request: Request, session_id: FromPath[str], data: JSONBody[UpdateSessionBody]) -> Response[bytes]:
@@ -171,17 +181,39 @@ class SessionController(Controller):
             headers[bus.HEADER_IF_MATCH] = if_match
         payload = json_encoder.encode(UpdateSessionCommand(state=data.state, metadata=data.metadata))
         body, reply_headers = await _forward(request, session_id, subjects.OP_UPDATE, payload, headers)
-        return _reply(body, reply_headers)
+        return _reply(body, reply_headers, session_id=session_id)
 
-    @delete("/{session_id:str}", summary="Terminate a session", status_code=204)
-    async def delete_session(self, request: Request, session_id: FromPath[str]) -> None:
+    @delete(
+        "/{session_id:str}",
+        summary="Terminate a session",
+        status_code=200,  # the real answer is 204, or 202 while storage is away (set per response)
+        responses={204: ResponseSpec(data_container=None, description="Deleted"), 202: ResponseSpec(data_container=QueuedReply, description="Queued")},
+    )
+    async def delete_session(self, request: Request, session_id: FromPath[str]) -> Response[bytes]:
         principal = _writer(request)
         _checked_session_id(session_id)
         headers = _base_headers(request, principal, mutating=True)
         if_match = _if_match(request)
         if if_match is not None:
             headers[bus.HEADER_IF_MATCH] = if_match
-        await _forward(request, session_id, subjects.OP_DELETE, b"", headers)
+        body, reply_headers = await _forward(request, session_id, subjects.OP_DELETE, b"", headers)
+        return _reply(body, reply_headers, session_id=session_id)
+
+    @get(
+        "/{session_id:str}/requests/{request_id:str}",
+        summary="Status of a change queued while storage was away",
+        responses={200: ResponseSpec(data_container=RequestStatus)},
+    )
+    async def get_request_status(self, request: Request, session_id: FromPath[str], request_id: FromPath[str]) -> Response[bytes]:
+        principal = _principal(request)
+        _checked_session_id(session_id)
+        if not is_valid_session_id(request_id):
+            raise BadRequestError("request IDs are 1-64 characters of A-Z a-z 0-9 _ -")
+        status = await _state(request).workers.request_status(request_id)
+        visible = status is not None and status.session_id == session_id and (principal.is_admin or status.user_id == principal.user_id)
+        if not visible:
+            raise NotFoundError(f"no queued request {request_id!r} for this session")
+        return Response(json_encoder.encode(status), media_type=JSON)
 
     @post("/{session_id:str}/request", summary="Run an action in the session", responses={200: ResponseSpec(data_container=ActionResult)})
     async def run_action(self, request: Request, session_id: FromPath[str], data: JSONBody[ActionBody]) -> Response[bytes]:
@@ -193,7 +225,7 @@ class SessionController(Controller):
         if not principal.can_write:
             headers[bus.HEADER_READ_ONLY] = "1"  # the worker knows which actions change the session
         body, reply_headers = await _forward(request, session_id, data.action, msgspec.json.encode(data.payload), headers)
-        return _reply(body, reply_headers)
+        return _reply(body, reply_headers, session_id=session_id)
 
 
 @get("/healthz", summary="Process is alive", tags=["health"])
@@ -208,4 +240,7 @@ async def readyz(request: Request) -> Response[bytes]:
         raise ServiceUnavailableError("not connected to NATS")
     if not workers.workers_alive:
         raise ServiceUnavailableError("no worker heartbeat within the failure window")
+    if workers.degraded:
+        # Still serving (changes are queued durably), so still ready; but say so.
+        return Response(b'{"status":"degraded","detail":"session storage unreachable; changes are queued"}', media_type=JSON)
     return Response(b'{"status":"ready"}', media_type=JSON)

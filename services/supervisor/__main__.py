@@ -8,6 +8,7 @@ import socket
 import sys
 
 from sessionmgr.common.logging import configure_logging
+from sessionmgr.common.metrics import serve_metrics
 from sessionmgr.common.runtime import run_service
 from sessionmgr.common.settings import SettingsError, load_settings
 from sessionmgr.common.tracing import configure_tracing
@@ -26,7 +27,8 @@ def main() -> None:
 
     async def serve(stop: asyncio.Event) -> None:
         try:
-            await supervisor.run(stop)
+            async with serve_metrics(supervisor.metrics.registry, settings.metrics_host, settings.metrics_port):
+                await supervisor.run(stop)
         finally:
             provider.shutdown()
 

@@ -30,9 +30,12 @@ from sessionmgr.common.models import (
 )
 from sessionmgr.common.natsauth import connect_options
 from sessionmgr.common.settings import Settings
+from sessionmgr.common.tracing import RecentLinks, link_from_headers
+from sessionmgr.common.streams import ensure_streams
 from sessionmgr.supervisor.assignment import initial_map, reassign
 from sessionmgr.supervisor.lease import LeaderLeaseHolder
 from sessionmgr.supervisor.membership import Membership
+from sessionmgr.supervisor.metrics import SupervisorMetrics
 from sessionmgr.supervisor.probe import LivenessProbe
 
 log = structlog.get_logger(__name__)
@@ -55,6 +58,9 @@ class Supervisor:
         self._lease: LeaderLeaseHolder | None = None
         self._probe: LivenessProbe | None = None
         self.nc: NATS | None = None
+        self.metrics = SupervisorMetrics(settings.failure_timeout)
+        self.metrics.watch(self)
+        self._causes = RecentLinks(max_age=2 * settings.failure_timeout)
 
     async def run(self, stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
@@ -85,6 +91,7 @@ class Supervisor:
 
     async def _bucket(self) -> KeyValue:
         js = self.nc.jetstream()  # type: ignore[union-attr]
+        await ensure_streams(js)
         try:
             return await js.key_value(subjects.SHARD_MAP_BUCKET)
         except BucketNotFoundError:
@@ -103,6 +110,7 @@ class Supervisor:
             self._changed.set()
 
     def _declare_dead(self, worker_id: str) -> None:
+        self.metrics.worker_declared_dead(worker_id)
         self.membership.leave(worker_id)
         self._changed.set()
 
@@ -115,6 +123,8 @@ class Supervisor:
         except (ValueError, IndexError):
             return
         if owner is not None and owner in self.membership.alive():
+            # The reassignment this may lead to links back to the request that saw no responders.
+            self._causes.add(link_from_headers(msg.headers, **{"sm.cause": "unreachable_hint", "sm.shard": str(shard)}))
             self._probe.suspect(owner, "no responders on its shard")
 
     def _probe_late_workers(self) -> None:
@@ -130,6 +140,7 @@ class Supervisor:
     async def _on_bye(self, msg: Msg) -> None:
         worker_id = msg.subject.rsplit(".", 1)[-1]
         log.info("worker_left", worker_id=worker_id)
+        self.metrics.worker_left(worker_id)
         self.membership.leave(worker_id)
         self._changed.set()
 
@@ -193,7 +204,9 @@ class Supervisor:
 
     async def _write_map(self, kv: KeyValue, new_map: ShardMap, moved: list[int], live: list[str], term: int) -> bool:
         assert self._map is not None
-        with tracer.start_as_current_span("supervisor.reassign", attributes={"sm.moved": len(moved), "sm.live_workers": len(live)}):
+        report = self.metrics.classify(self._map, new_map, moved, self.membership)
+        attributes = {"sm.moved": len(moved), "sm.live_workers": len(live), "sm.term": term, **{f"sm.moves.{r}": n for r, n in report.reasons.items()}}
+        with tracer.start_as_current_span("supervisor.reassign", attributes=attributes, links=self._causes.take()):
             try:
                 self._map_revision = await kv.update(subjects.SHARD_MAP_KEY, json_encoder.encode(new_map), last=self._map_revision)
             except KeyWrongLastSequenceError:
@@ -202,6 +215,7 @@ class Supervisor:
                 return False
         previous = self._map
         self._map = new_map
+        self.metrics.record(report)
         log.info(
             "shards_moved",
             count=len(moved),
@@ -214,6 +228,17 @@ class Supervisor:
 
     def _leading(self) -> bool:
         return self._lease is not None and self._lease.is_leader
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leading()
+
+    def unowned_shards(self) -> int:
+        """Shards whose owner is not alive; 0 until the map is loaded and every worker had time to beat."""
+        if self._map is None or time.monotonic() - self._started < self.settings.failure_timeout:
+            return 0
+        alive = self.membership.alive()
+        return sum(1 for entry in self._map.shards if entry.owner is None or entry.owner not in alive)
 
     async def _on_status(self, msg: Msg) -> None:
         if not self._leading() or self._map is None:

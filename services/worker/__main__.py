@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from sessionmgr.common.logging import configure_logging
+from sessionmgr.common.metrics import serve_metrics
 from sessionmgr.common.runtime import run_service
 from sessionmgr.common.settings import SettingsError, default_worker_id, load_settings
 from sessionmgr.common.tracing import configure_tracing
@@ -24,7 +25,8 @@ def main() -> None:
 
     async def serve(stop: asyncio.Event) -> None:
         try:
-            await worker.run(stop)
+            async with serve_metrics(worker.metrics.registry, settings.metrics_host, settings.metrics_port):
+                await worker.run(stop)
         finally:
             provider.shutdown()
 

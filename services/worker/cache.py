@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from sessionmgr.common.models import Session
 
@@ -14,6 +15,10 @@ class SessionCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def sessions(self) -> Iterable[Session]:
+        """The sessions held, read-only (metrics count them by state)."""
+        return self._items.values()
 
     def get(self, session_id: str) -> Session | None:
         session = self._items.get(session_id)

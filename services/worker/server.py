@@ -38,11 +38,16 @@ from sessionmgr.common.natsauth import connect_options
 from sessionmgr.common.redis_client import create_redis
 from sessionmgr.common.models import Heartbeat, ReleaseShard, ShardMap, WorkerBye, json_encoder, shard_map_decoder
 from sessionmgr.common.settings import Settings
-from sessionmgr.common.tracing import extract_trace_context
+from sessionmgr.common.streams import ensure_streams, request_status_bucket
+from sessionmgr.common.tracing import extract_trace_context, log_ids
 from sessionmgr.worker.actions import registry
 from sessionmgr.worker.cache import SessionCache
 from sessionmgr.worker.keyed_lock import KeyedLock
-from sessionmgr.worker.sessions import Call, SessionService
+from sessionmgr.worker.metrics import WorkerMetrics
+from sessionmgr.worker.degraded import DegradedMode
+from sessionmgr.worker.events import EventPublisher
+from sessionmgr.worker.expiry import ExpirySweeper
+from sessionmgr.worker.sessions import Call, Reply, SessionService
 from sessionmgr.worker.shards import ShardOwnership
 from sessionmgr.worker.store import SessionStore
 
@@ -51,6 +56,23 @@ tracer = trace.get_tracer("sessionmgr.worker")
 
 HEADER_VERSION = "Sm-Version"
 HEADER_STATUS = "Sm-Status"
+HEADER_QUEUED = "Sm-Queued-Request"
+HEADER_STALE = "Sm-Stale"
+# What a queued request must carry to be replayed exactly as it arrived.
+_REPLAY_HEADERS = (
+    bus.HEADER_USER,
+    bus.HEADER_ADMIN,
+    bus.HEADER_REQUEST_ID,
+    bus.HEADER_IDEMPOTENCY_KEY,
+    bus.HEADER_IF_MATCH,
+    bus.HEADER_CLIENT_IP,
+    bus.HEADER_READ_ONLY,
+    bus.HEADER_KEY_GENERATED,
+)
+
+
+def _forwarded(headers: dict[str, str]) -> dict[str, str]:
+    return {name: headers[name] for name in _REPLAY_HEADERS if name in headers}
 _release_decoder = msgspec.json.Decoder(ReleaseShard)
 # Redis unreachable, slow or its pool exhausted: retryable, not an internal error.
 _STORAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, TimeoutError, OSError)
@@ -73,10 +95,13 @@ class Worker:
         self.nc: NATS | None = None
         self.shards: ShardOwnership | None = None
         self.service: SessionService | None = None
+        self.metrics = WorkerMetrics(registry.names(), tracer=tracer)
+        self.metrics.watch(self)
+        self.degraded: DegradedMode | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
-            redis = create_redis(self.settings)
+            redis = create_redis(self.settings, self.metrics.redis)
             stack.push_async_callback(redis.aclose)
             self.nc = await nats.connect(
                 self.settings.nats_url,
@@ -96,19 +121,39 @@ class Worker:
                 pending_limit=self.settings.worker_max_in_flight * 16,
                 handoff_timeout=min(self.settings.drain_timeout, self.settings.request_timeout / 2),
             )
-            self.service = SessionService(store=store, cache=self._cache, ownership=self.shards, actions=registry, settings=self.settings)
+            js = self.nc.jetstream()
+            await ensure_streams(js)
+            events = EventPublisher(self.nc)
+            self.service = SessionService(
+                store=store, cache=self._cache, ownership=self.shards, actions=registry, settings=self.settings, events=events
+            )
+            self.degraded = DegradedMode(
+                js=js,
+                statuses=await request_status_bucket(js),
+                service=self.service,
+                shards=self.shards,
+                locks=self._locks,
+                call_from_headers=self._call_from_headers,
+                redis_ping=redis.ping,
+                storage_errors=_STORAGE_ERRORS,
+            )
+            sweeper = ExpirySweeper(store=store, shards=self.shards, cache=self._cache, events=events, interval=self.settings.expiry_sweep_interval)
             await self.nc.subscribe(subjects.QUERY_LIST, queue=subjects.QUERY_QUEUE, cb=self._on_list)
             await self.nc.subscribe(subjects.release_subject(self.worker_id), cb=self._on_release)
             await self.nc.subscribe(subjects.ping_subject(self.worker_id), cb=self._on_ping)
             log.info("worker_started", worker_id=self.worker_id, pid=os.getpid())
             try:
                 async with asyncio.TaskGroup() as group:
-                    beats = group.create_task(self._heartbeat_loop())
-                    watch = group.create_task(self._watch_map())
+                    loops = [
+                        group.create_task(self._heartbeat_loop()),
+                        group.create_task(self._watch_map()),
+                        group.create_task(self.degraded.run()),
+                        group.create_task(sweeper.run()),
+                    ]
                     await stop.wait()
                     await self._drain()
-                    beats.cancel()
-                    watch.cancel()
+                    for loop in loops:
+                        loop.cancel()
             finally:
                 log.info("worker_stopped", worker_id=self.worker_id)
 
@@ -136,15 +181,16 @@ class Worker:
             return
         self.shards.begin(shard)  # type: ignore[union-attr]
         try:
-            await self._serve_call(msg, session_id, op)
+            await self._serve_call(msg, shard, session_id, op)
         finally:
             await self.shards.end(shard)  # type: ignore[union-attr]
 
-    async def _serve_call(self, msg: Msg, session_id: str, op: str) -> None:
+    async def _serve_call(self, msg: Msg, shard: int, session_id: str, op: str) -> None:
         started = time.perf_counter()
         headers = msg.headers or {}
         outcome = "ok"
         error_code = None
+        trace_ids: dict[str, str] = {}
         self._in_flight += 1
         try:
             request_id = headers.get(bus.HEADER_REQUEST_ID) or msg.reply.rsplit(".", 1)[-1][:24] or "-"
@@ -152,15 +198,20 @@ class Worker:
             with tracer.start_as_current_span(
                 f"sm.shard {op}", context=extract_trace_context(headers), kind=trace.SpanKind.CONSUMER,
                 attributes={"messaging.system": "nats", "session.id": session_id, "sm.op": op, "sm.worker_id": self.worker_id},
-            ):
+            ) as span:
+                trace_ids = log_ids(span)  # for request_handled, logged after the span has ended
                 try:
-                    call = self._call_from(msg, session_id, op, request_id)
+                    call = self._call_from_headers(headers, session_id, op, msg.data, request_id)
                     await self._check_lease()
                     async with self._locks.hold(session_id):
-                        reply = await self.service.handle(call)  # type: ignore[union-attr]
+                        reply, stale = await self._handle(call, shard, headers)
                     reply_headers = {HEADER_STATUS: str(reply.status)}
                     if reply.version is not None:
                         reply_headers[HEADER_VERSION] = str(reply.version)
+                    if reply.status == 202:
+                        reply_headers[HEADER_QUEUED] = call.request_id
+                    if stale:
+                        reply_headers[HEADER_STALE] = "1"
                     await self._respond(msg, reply.body, reply_headers)
                 except SessionManagerError as error:
                     outcome, error_code = "error", error.code
@@ -175,11 +226,27 @@ class Worker:
                     await self._respond(msg, b"", error_headers(InternalError("internal error")))
         finally:
             self._in_flight -= 1
-            log.info("request_handled", outcome=outcome, error_code=error_code, duration_ms=round((time.perf_counter() - started) * 1000, 2))
+            duration = time.perf_counter() - started
+            self.metrics.observe_request(op, duration, error_code)
+            log.info("request_handled", outcome=outcome, error_code=error_code, duration_ms=round(duration * 1000, 2), **trace_ids)
             structlog.contextvars.unbind_contextvars("session_id", "request_id", "op")
 
-    def _call_from(self, msg: Msg, session_id: str, op: str, request_id: str) -> Call:
-        headers = msg.headers or {}
+    async def _handle(self, call: Call, shard: int, headers: dict[str, str]) -> tuple[Reply, bool]:
+        """Apply the call, or queue it when Redis is away (degraded mode); reads may be stale then."""
+        assert self.service is not None and self.degraded is not None
+        mutating = self.service.is_mutating(call.op)
+        if mutating and self.degraded.is_degraded(shard):
+            return await self.degraded.enqueue(call, shard, _forwarded(headers)), False
+        try:
+            reply = await self.service.handle(call)
+        except _STORAGE_ERRORS:
+            self.degraded.storage_failed()
+            if not mutating:
+                raise
+            return await self.degraded.enqueue(call, shard, _forwarded(headers)), False
+        return reply, not mutating and (self.degraded.redis_down or self.degraded.is_degraded(shard))
+
+    def _call_from_headers(self, headers: dict[str, str], session_id: str, op: str, payload: bytes, request_id: str) -> Call:
         if not is_valid_session_id(session_id):
             raise BadRequestError("session IDs match [A-Za-z0-9_-]{1,64}")
         idem_key = headers.get(bus.HEADER_IDEMPOTENCY_KEY) or None
@@ -193,7 +260,7 @@ class Worker:
         return Call(
             session_id=session_id,
             op=op,
-            payload=msg.data,
+            payload=payload,
             user_id=headers.get(bus.HEADER_USER) or None,
             admin=headers.get(bus.HEADER_ADMIN) == "1",
             read_only=headers.get(bus.HEADER_READ_ONLY) == "1",
@@ -270,6 +337,7 @@ class Worker:
                 in_flight=self._in_flight,
                 shards=self.shards.shards,  # type: ignore[union-attr]
                 draining=not self._accepting,
+                degraded=self.degraded is not None and self.degraded.active,
             )
             try:
                 await self.nc.publish(subjects.heartbeat_subject(self.worker_id), json_encoder.encode(beat))  # type: ignore[union-attr]

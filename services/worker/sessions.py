@@ -44,6 +44,7 @@ from sessionmgr.common.settings import Settings
 from sessionmgr.common.validation import check_metadata
 from sessionmgr.worker.actions import ActionRegistry
 from sessionmgr.worker.cache import SessionCache
+from sessionmgr.worker.events import EventPublisher
 from sessionmgr.worker.lifecycle import INITIAL_STATE, check_transition
 from sessionmgr.worker.store import ABSENT, IdempotencyRecord, SessionStore, decode_record
 
@@ -102,13 +103,32 @@ def _decode(decoder: msgspec.json.Decoder, payload: bytes) -> Any:
 
 
 class SessionService:
-    def __init__(self, *, store: SessionStore, cache: SessionCache, ownership: Ownership, actions: ActionRegistry, settings: Settings) -> None:
+    def __init__(
+        self,
+        *,
+        store: SessionStore,
+        cache: SessionCache,
+        ownership: Ownership,
+        actions: ActionRegistry,
+        settings: Settings,
+        events: EventPublisher | None = None,
+    ) -> None:
         self._store = store
+        self._events = events
         self._cache = cache
         self._ownership = ownership
         self._actions = actions
         self._settings = settings
         self._ttl = timedelta(seconds=settings.session_ttl)
+
+    def is_mutating(self, op: str) -> bool:
+        """Whether ``op`` changes the session (and so must be queued while Redis is away)."""
+        if op in subjects.SESSION_OPS:
+            return op != subjects.OP_GET
+        try:
+            return self._actions.get(op).mutates
+        except SessionManagerError:
+            return False
 
     async def handle(self, call: Call) -> Reply:
         if call.op == subjects.OP_GET:
@@ -281,6 +301,7 @@ class SessionService:
                     epoch=epoch,
                     session_id=call.session_id,
                     expected_version=current.version if current else ABSENT,
+                    user_id=(new or current).user_id,  # type: ignore[union-attr]
                     session=new,
                     ttl_ms=self._settings.session_ttl * 1000,
                     idem_key=call.idem_key,
@@ -294,6 +315,7 @@ class SessionService:
                         await self._store.index_remove(current)
                 else:
                     self._cache.put(new)
+                await self._publish_event(call, current, new, version)
                 return Reply(body, new.version if new else None, status)
             if outcome.status == "DUP":
                 return self._replay_record(call, body_hash, decode_record(outcome.detail or b""))
@@ -304,6 +326,21 @@ class SessionService:
             # VERSION: our copy is older than Redis (a missed handoff or an expiry); reload and retry.
             self._cache.evict(call.session_id)
         raise NotOwnerError("session changed under this worker; retry")
+
+    async def _publish_event(self, call: Call, current: Session | None, new: Session | None, version: int) -> None:
+        if self._events is None:
+            return
+        subject = new or current
+        assert subject is not None
+        if call.op == subjects.OP_CREATE:
+            event_type, data = "created", None
+        elif call.op == subjects.OP_UPDATE:
+            event_type, data = "updated", {"state": subject.state}
+        elif call.op == subjects.OP_DELETE:
+            event_type, data = "terminated", None
+        else:
+            event_type, data = "request.applied", {"action": call.op, "request_id": call.request_id}
+        await self._events.publish(event_type, session_id=subject.session_id, user_id=subject.user_id, version=version, data=data)
 
     async def _replay(self, call: Call, body_hash: str) -> Reply | None:
         if not call.idem_key:

@@ -30,13 +30,24 @@ if current ~= tonumber(ARGV[2]) then return {'VERSION', tostring(current)} end
 if ARGV[3] == '0' then
   redis.call('DEL', KEYS[2])
   redis.call('SREM', KEYS[4], ARGV[8])
+  redis.call('ZREM', KEYS[5], ARGV[10])
 else
   redis.call('HSET', KEYS[2], 'v', ARGV[3], 'd', ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('SADD', KEYS[4], ARGV[8])
+  redis.call('ZADD', KEYS[5], ARGV[9], ARGV[10])
 end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7]) end
 return {'OK'}
+"""
+
+# An expiry candidate is reported once: only if its data is gone (TTL) and our epoch holds.
+_EXPIRE_SCRIPT = """
+local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) < fence then return -1 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SREM', KEYS[4], ARGV[3])
+return redis.call('ZREM', KEYS[3], ARGV[2])
 """
 
 # Raise the shard's epoch to ours unless someone already holds a newer one; returns the epoch in force.
@@ -64,6 +75,15 @@ def idempotency_key(shard: int, session_id: str, key: str) -> str:
 
 def shard_index_key(shard: int) -> str:
     return f"sm:{{{shard}}}:sessions"
+
+
+def expiry_index_key(shard: int) -> str:
+    return f"sm:{{{shard}}}:expiry"
+
+
+def expiry_member(session_id: str, user_id: str) -> str:
+    # The user travels with the candidate: once the data has expired nothing else knows it.
+    return f"{session_id}|{user_id}"
 
 
 def user_index_key(user_id: str) -> str:
@@ -99,6 +119,7 @@ class SessionStore:
         self._shard_count = shard_count
         self._write = redis.register_script(_WRITE_SCRIPT)
         self._acquire = redis.register_script(_ACQUIRE_SCRIPT)
+        self._expire = redis.register_script(_EXPIRE_SCRIPT)
 
     def shard_of(self, session_id: str) -> int:
         return shard_for(session_id, self._shard_count)
@@ -131,6 +152,7 @@ class SessionStore:
         epoch: int,
         session_id: str,
         expected_version: int,
+        user_id: str,
         session: Session | None,
         ttl_ms: int,
         idem_key: str | None,
@@ -140,7 +162,7 @@ class SessionStore:
         """Persist ``session`` (or delete it when ``None``) if our epoch and its version still hold."""
         idem = idempotency_key(shard, session_id, idem_key) if idem_key else idempotency_key(shard, session_id, "-")
         result = await self._write(
-            keys=[epoch_key(shard), session_key(shard, session_id), idem, shard_index_key(shard)],
+            keys=[epoch_key(shard), session_key(shard, session_id), idem, shard_index_key(shard), expiry_index_key(shard)],
             args=[
                 epoch,
                 expected_version,
@@ -150,10 +172,25 @@ class SessionStore:
                 encode_record(record) if (idem_key and record) else b"",
                 idem_ttl_ms,
                 session_id,
+                0 if session is None else int(session.expires_at.timestamp() * 1000),
+                expiry_member(session_id, user_id),
             ],
         )
         status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
         return WriteOutcome(status, result[1] if len(result) > 1 else None)
+
+    async def expired_candidates(self, shard: int, now_ms: int, limit: int = 200) -> list[tuple[str, str]]:
+        """(session_id, user_id) of sessions whose expiry time has passed."""
+        members = await self._redis.zrangebyscore(expiry_index_key(shard), "-inf", now_ms, start=0, num=limit)
+        return [tuple(m.decode().split("|", 1)) for m in members]  # type: ignore[misc]
+
+    async def confirm_expired(self, shard: int, epoch: int, session_id: str, user_id: str) -> bool:
+        """True exactly once per expired session (its data is gone and we still own the shard)."""
+        result = await self._expire(
+            keys=[epoch_key(shard), session_key(shard, session_id), expiry_index_key(shard), shard_index_key(shard)],
+            args=[epoch, expiry_member(session_id, user_id), session_id],
+        )
+        return int(result) == 1
 
     async def idempotency_record(self, session_id: str, key: str) -> IdempotencyRecord | None:
         raw = await self._redis.get(idempotency_key(self.shard_of(session_id), session_id, key))

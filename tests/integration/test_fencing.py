@@ -19,7 +19,7 @@ def _session(sid: str, version: int) -> Session:
 
 async def _write(store: SessionStore, shard: int, epoch: int, sid: str, expected: int, version: int) -> WriteOutcome:
     return await store.write(
-        shard=shard, epoch=epoch, session_id=sid, expected_version=expected, session=_session(sid, version),
+        shard=shard, epoch=epoch, session_id=sid, expected_version=expected, user_id="u", session=_session(sid, version),
         ttl_ms=60_000, idem_key=None, record=None, idem_ttl_ms=60_000,
     )
 

@@ -96,26 +96,49 @@ class Cluster:
     settings: Settings
     workers: dict[str, procs.ManagedProcess] = field(default_factory=dict)
     supervisors: dict[str, procs.ManagedProcess] = field(default_factory=dict)
+    gateways: dict[str, procs.ManagedProcess] = field(default_factory=dict)
     _next_worker: int = 0
+    # Added to every process's environment (OTEL_* for the tracing tests, for example).
+    extra_env: dict[str, str] = field(default_factory=dict)
+    # Give each process its own METRICS_PORT (recorded in metrics_ports by process name).
+    metrics: bool = False
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def _log(self, name: str) -> Path:
         return self.servers.root / "logs" / f"{name}.log"
 
+    def _process_env(self, name: str) -> dict[str, str]:
+        env = dict(self.extra_env)
+        if self.metrics:
+            self.metrics_ports[name] = procs.free_port()
+            env["METRICS_HOST"] = "127.0.0.1"
+            env["METRICS_PORT"] = str(self.metrics_ports[name])
+        return env
+
     def start_supervisor(self, name: str | None = None) -> str:
         name = name or f"supervisor-{len(self.supervisors) + 1}"
-        env = {**env_for(self.settings), **natsauth.role_env("supervisor"), "SUPERVISOR_ID": name}
+        env = {**env_for(self.settings), **self._process_env(name), **natsauth.role_env("supervisor"), "SUPERVISOR_ID": name}
         self.supervisors[name] = procs.service("supervisor", name, env, log_path=self._log(name)).start()
         return name
+
+    def start_gateway(self, name: str = "gateway") -> str:
+        """A gateway process; returns its base URL (waits until it listens)."""
+        port = procs.free_port()
+        env = {**env_for(self.settings), **self._process_env(name), **natsauth.role_env("gateway"), "PORT": str(port), "HOST": "127.0.0.1"}
+        proc = procs.service("gateway", name, env, log_path=self._log(name)).start()
+        self.gateways[name] = proc
+        proc.wait_for_port(port)
+        return f"http://127.0.0.1:{port}"
 
     def start_worker(self, name: str | None = None) -> str:
         self._next_worker += 1
         name = name or f"w{self._next_worker}-{time.monotonic_ns() % 100000}"
-        env = {**env_for(self.settings), **natsauth.role_env("worker"), "WORKER_ID": name}
+        env = {**env_for(self.settings), **self._process_env(name), **natsauth.role_env("worker"), "WORKER_ID": name}
         self.workers[name] = procs.service("worker", name, env, log_path=self._log(name)).start()
         return name
 
     def stop(self) -> None:
-        for proc in [*self.workers.values(), *self.supervisors.values()]:
+        for proc in [*self.gateways.values(), *self.workers.values(), *self.supervisors.values()]:
             proc.stop(timeout=10)
 
     def log_text(self, name: str) -> str:

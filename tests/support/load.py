@@ -73,6 +73,7 @@ class IncrementLoad:
 
     async def _increment_until_acked(self, sid: str, key: str) -> None:
         deadline = time.monotonic() + 60
+        last = "none"
         while time.monotonic() < deadline:
             try:
                 response = await self._api.post(
@@ -81,8 +82,9 @@ class IncrementLoad:
                     headers={**self._headers, "Idempotency-Key": key},
                     timeout=30,
                 )
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:
                 self.report.failed_attempts += 1
+                last = repr(exc)
                 continue
             self.report.statuses[response.status_code] += 1
             if response.status_code == 200:
@@ -92,8 +94,9 @@ class IncrementLoad:
                     self._progress.notify_all()
                 return
             self.report.failed_attempts += 1
+            last = f"{response.status_code} {response.text[:200]}"
             await asyncio.sleep(0.05)
-        raise AssertionError(f"increment {key} on {sid} never acknowledged")
+        raise AssertionError(f"increment {key} on {sid} never acknowledged; last answer {last}; statuses {dict(self.report.statuses)}")
 
 
 async def assert_exactly_once(api: httpx.AsyncClient, headers: dict[str, str], report: LoadReport, sessions: list[str]) -> None:

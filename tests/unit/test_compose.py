@@ -312,6 +312,54 @@ def test_interpolation_helper_required() -> None:
         interpolate("${A:?set A}", {})
 
 
+# ---- observability: Jaeger, Prometheus, metrics ports -----------------------------------------
+
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+
+
+def _published(service: dict[str, Any]) -> set[str]:
+    return {interpolate(str(entry), {}).split("/")[0].split(":")[-2] for entry in service.get("ports") or [] if ":" in str(entry)}
+
+
+def test_jaeger_receives_otlp_and_publishes_its_ui(compose: dict[str, Any]) -> None:
+    jaeger = compose["services"]["jaeger"]
+    assert str(jaeger["image"]).split(":")[0] == "jaegertracing/all-in-one"
+    assert str(jaeger.get("environment", {}).get("COLLECTOR_OTLP_ENABLED", "true")).lower() == "true"
+    assert "16686" in _published(jaeger)
+
+
+@pytest.mark.parametrize("name", OUR_SERVICES)
+def test_our_services_export_traces_to_jaeger(compose: dict[str, Any], name: str) -> None:
+    endpoint = _environment(compose["services"][name])["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert interpolate(endpoint, {}) == "http://jaeger:4318"  # OTLP/HTTP, what tracing.py exports
+    assert interpolate(endpoint, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel:4318"}) == "http://otel:4318"
+
+
+def test_prometheus_loads_our_config_and_rules(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    assert str(prometheus["image"]).split(":")[0] == "prom/prometheus"
+    mounts = {str(v).split(":")[0]: str(v).split(":")[1] for v in prometheus.get("volumes") or [] if str(v).startswith("./")}
+    assert mounts.get("./deploy/prometheus/prometheus.yml") == "/etc/prometheus/prometheus.yml"
+    assert mounts.get("./deploy/prometheus/alerts.yml") == "/etc/prometheus/alerts.yml"  # beside it: rule_files are relative
+    for source in mounts:
+        assert (REPO / source).exists(), source
+    assert "--config.file=/etc/prometheus/prometheus.yml" in _command(prometheus)
+    assert "9090" in _published(prometheus)
+
+
+def test_prometheus_scrapes_the_ports_our_services_listen_on(compose: dict[str, Any]) -> None:
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    host_env = _host_env_for(compose)
+    for name, job in (("supervisor", "sm-supervisor"), ("worker", "sm-worker")):
+        settings = _service_settings(compose["services"][name], host_env)
+        (sd,) = jobs[job]["dns_sd_configs"]
+        assert sd["names"] == [name] and sd["type"] == "A"
+        assert settings.metrics_port == sd["port"] != 0, name
+    gateway = _service_settings(compose["services"]["gateway"], host_env)
+    assert jobs["sm-gateway"]["static_configs"][0]["targets"] == [f"gateway:{gateway.port}"]
+
+
 # ---- NATS users (nats.conf) ------------------------------------------------------------------
 
 

@@ -1,0 +1,110 @@
+"""A worker's Prometheus metrics, served on ``METRICS_PORT``.
+
+Per request only ``sm_worker_request_duration_seconds`` and, on failure, ``sm_worker_errors_total``
+are touched (pre-bound children); everything else is read from the worker at scrape time.
+
+| metric | labels | what |
+|---|---|---|
+| ``sm_worker_request_duration_seconds`` | ``op`` | requests handled, by operation or action |
+| ``sm_worker_errors_total`` | ``code`` | requests answered with an error, by code |
+| ``sm_worker_sessions`` | | sessions held in memory |
+| ``sm_worker_sessions_by_state`` | ``state`` | the same, by session state |
+| ``sm_worker_in_flight`` / ``sm_worker_max_in_flight`` | | requests being served / the limit |
+| ``sm_worker_utilization_ratio`` | | in flight / limit, at scrape time |
+| ``sm_worker_shards`` | | shards this worker owns |
+| ``sm_worker_shard_moves_total`` | | shards taken or released |
+| ``sm_redis_duration_seconds`` | ``command`` | Redis round trips |
+| ``sm_degraded_queue_depth`` | | changes queued while storage is away (degraded mode) |
+
+Average occupancy over a window is ``rate(sm_worker_request_duration_seconds_sum[5m]) /
+sm_worker_max_in_flight`` (busy request-seconds per second over the slots there are).
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.trace import Tracer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sessionmgr.common import subjects
+from sessionmgr.common.metrics import WORKER_BUCKETS, LabelCache, new_registry, safe_code
+from sessionmgr.common.redis_observe import RedisObserver
+
+if TYPE_CHECKING:
+    from sessionmgr.worker.server import Worker
+
+UNKNOWN_OP = "unknown"
+
+
+class WorkerMetrics:
+    def __init__(self, known_actions: Iterable[str], registry: CollectorRegistry | None = None, tracer: Tracer | None = None) -> None:
+        self.registry = registry or new_registry()
+        self.request_duration = Histogram(
+            "sm_worker_request_duration_seconds",
+            "Requests a worker handled (lock wait, storage and reply included), by operation or action",
+            ["op"],
+            buckets=WORKER_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter("sm_worker_errors", "Requests a worker answered with an error, by code", ["code"], registry=self.registry)
+        self.degraded_queue_depth = Gauge(
+            "sm_degraded_queue_depth",
+            "Changes queued while session storage is unreachable (degraded mode); 0 when storage is healthy",
+            registry=self.registry,
+        )
+        self.redis = RedisObserver(self.registry, tracer)
+        self._known_ops = frozenset((*subjects.SESSION_OPS, *known_actions))
+        self._ops: LabelCache[Any] = LabelCache(lambda op: self.request_duration.labels(op=op), limit=128, preset=(*sorted(self._known_ops), UNKNOWN_OP))
+        self._errors: LabelCache[Any] = LabelCache(lambda code: self.errors.labels(code=code), limit=64)
+        self._state = _WorkerStateCollector()
+        self.registry.register(self._state)
+
+    def watch(self, worker: Worker) -> None:
+        """Read sessions, in-flight requests and shards from ``worker`` at every scrape."""
+        self._state.worker = worker
+
+    def observe_request(self, op: str, seconds: float, error_code: str | None) -> None:
+        self._ops[op if op in self._known_ops else UNKNOWN_OP].observe(seconds)
+        if error_code is not None:
+            self._errors[safe_code(error_code)].inc()
+
+
+class _WorkerStateCollector(Collector):
+    """Gauges read from the worker when Prometheus scrapes (on the worker's own event loop)."""
+
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.worker)
+
+    def _families(self, worker: Worker | None) -> Iterator[Metric]:
+        sessions = GaugeMetricFamily("sm_worker_sessions", "Sessions held in this worker's memory")
+        by_state = GaugeMetricFamily("sm_worker_sessions_by_state", "Sessions in memory by state", labels=["state"])
+        in_flight = GaugeMetricFamily("sm_worker_in_flight", "Requests being served right now")
+        limit = GaugeMetricFamily("sm_worker_max_in_flight", "Concurrent requests this worker accepts (WORKER_MAX_IN_FLIGHT)")
+        utilization = GaugeMetricFamily("sm_worker_utilization_ratio", "In-flight requests over the limit, 0-1")
+        shards = GaugeMetricFamily("sm_worker_shards", "Shards this worker owns")
+        moves = CounterMetricFamily("sm_worker_shard_moves", "Shards this worker took or released")
+        if worker is not None:
+            cache = worker._cache  # noqa: SLF001 - the worker's own state, read-only
+            current = worker._in_flight  # noqa: SLF001
+            maximum = worker.settings.worker_max_in_flight
+            sessions.add_metric([], len(cache))
+            for state, count in sorted(Tally(s.state for s in cache.sessions()).items()):
+                by_state.add_metric([state], count)
+            in_flight.add_metric([], current)
+            limit.add_metric([], maximum)
+            utilization.add_metric([], current / maximum)
+            owned = worker.shards
+            shards.add_metric([], len(owned.shards) if owned is not None else 0)
+            moves.add_metric([], owned.moves if owned is not None else 0)
+        yield from (sessions, by_state, in_flight, limit, utilization, shards, moves)
