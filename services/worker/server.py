@@ -109,6 +109,7 @@ class Worker:
                 **connect_options(self.settings),  # NATS_USER/NATS_PASSWORD, NATS_TLS_*, own inbox prefix
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25,
+                reconnected_cb=self._on_reconnected,
             )
             stack.push_async_callback(self._close_nats)
             store = SessionStore(redis, shard_count=self.settings.shard_count)
@@ -158,6 +159,8 @@ class Worker:
                 log.info("worker_stopped", worker_id=self.worker_id)
 
     async def _close_nats(self) -> None:
+        for task in list(self._control_tasks):
+            task.cancel()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
 
@@ -301,6 +304,13 @@ class Worker:
             await self._respond(msg, b"", error_headers(error))
         except _STORAGE_ERRORS:
             await self._respond(msg, b"", error_headers(StorageUnavailableError()))
+
+    async def _on_reconnected(self) -> None:
+        """After a NATS outage the map may have moved on without us: re-read it now."""
+        log.info("nats_reconnected")
+        task = asyncio.get_running_loop().create_task(self._refresh_map())
+        self._control_tasks.add(task)
+        task.add_done_callback(self._control_tasks.discard)
 
     async def _on_ping(self, msg: Msg) -> None:
         await self._respond(msg, b"pong", {})
