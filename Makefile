@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 USER ?= alice
 
-.PHONY: run test test-fast token bench bench-quick bench-failover admin clean
+.PHONY: run test test-fast token bench bench-quick bench-failover bench-outage admin clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench-quick: $(STAMP)
 ## Kill a worker under load, 10 times, and print recovery time, failures and lost writes.
 bench-failover: $(STAMP)
 	$(PY) bench/failover.py
+
+## Stop Redis for 10 s under load: queued, applied, lost (must be 0), drain time, error rates.
+bench-outage: $(STAMP)
+	$(PY) bench/outage.py
 
 ## Operator CLI against the running system: make admin ARGS="workers"
 admin: $(STAMP)
