@@ -112,9 +112,9 @@ class DegradedMode:
                 if self._degraded or self.redis_down:
                     if await self._redis_ok():
                         self.redis_down = False
-                        for shard in sorted(self._degraded):
-                            if self._shards.epoch_of(shard) is not None:
-                                await self._drain(shard)
+                        # Shards drain in parallel; within a shard, strictly in arrival order.
+                        owned = [s for s in sorted(self._degraded) if self._shards.epoch_of(s) is not None]
+                        await asyncio.gather(*(self._drain(shard) for shard in owned))
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - keep trying; the queue is durable
