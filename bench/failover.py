@@ -60,6 +60,8 @@ class Cluster:
             "HEARTBEAT_MISSES": str(heartbeat_misses),
             "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
             "LOG_FORMAT": "json",
+            # One user ("bench") drives all the load: per-user rate limits would measure themselves.
+            "RATE_LIMIT_PER_MINUTE": "0",
         }
         self.servers = [
             procs.nats_server(self.nats_port, root / "nats", log_path=root / "nats.log"),

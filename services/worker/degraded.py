@@ -45,7 +45,9 @@ class DegradedMode:
         call_from_headers: Callable[[dict[str, str], str, str, bytes, str], Call],
         redis_ping: Callable[[], object],
         storage_errors: tuple[type[BaseException], ...],
+        on_queue_depth: Callable[[int], None] | None = None,
     ) -> None:
+        self._on_queue_depth = on_queue_depth
         self._js = js
         self._statuses = statuses
         self._service = service
@@ -139,10 +141,14 @@ class DegradedMode:
         # Degraded shards we no longer own are the new owner's business now.
         self._degraded &= owned
         info = await self._js.stream_info(QUEUE_STREAM, subjects_filter="sm.queue.>")
+        depth = 0
         for subject, count in (info.state.subjects or {}).items():
             shard = int(subject.rsplit(".", 1)[1])
             if count and shard in owned:
                 self._degraded.add(shard)
+                depth += count
+        if self._on_queue_depth is not None:
+            self._on_queue_depth(depth)
 
     async def _drain(self, shard: int) -> None:
         sub = await self._js.pull_subscribe(

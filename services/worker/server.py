@@ -137,6 +137,7 @@ class Worker:
                 call_from_headers=self._call_from_headers,
                 redis_ping=redis.ping,
                 storage_errors=_STORAGE_ERRORS,
+                on_queue_depth=self.metrics.degraded_queue_depth.set,
             )
             sweeper = ExpirySweeper(store=store, shards=self.shards, cache=self._cache, events=events, interval=self.settings.expiry_sweep_interval)
             await self.nc.subscribe(subjects.QUERY_LIST, queue=subjects.QUERY_QUEUE, cb=self._on_list)
