@@ -15,8 +15,10 @@ consumes nothing. Over a rate: 429 with ``Retry-After``; at the cap: 409 ``sessi
 and dead ones removed before the create is refused. Concurrent creates of one user can overshoot
 the cap by the number in flight; the create rate bounds that.
 
-If Redis cannot be reached the check lets the request through (logged, at most every 10 s): the
-limits protect capacity, they do not decide who may do what.
+If Redis cannot be reached the check lets the request through (logged, at most every 10 s) and
+is skipped for the next ``BYPASS_AFTER_FAILURE_S`` seconds, so a Redis outage (which the workers
+ride out in degraded mode) does not add a connect timeout to every request: the limits protect
+capacity, they do not decide who may do what.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ log = structlog.get_logger(__name__)
 WINDOW_US = 60_000_000
 PRUNE_BATCH = 200
 _WARN_EVERY_S = 10.0
+BYPASS_AFTER_FAILURE_S = 5.0
 
 # KEYS: [1] request bucket, [2] create bucket, [3] user index (2 and 3 only for creates)
 # ARGV: [1] request interval in µs (0 = off), [2] create interval in µs (0 = off), [3] session cap (0 = off)
@@ -94,6 +97,7 @@ class RateLimiter:
         self._create_interval = _interval_us(settings.create_rate_limit_per_minute)
         self._cap = settings.max_sessions_per_user
         self._warned_at = float("-inf")
+        self._bypass_until = float("-inf")
 
     @staticmethod
     def enabled(settings: Settings) -> bool:
@@ -101,12 +105,17 @@ class RateLimiter:
 
     async def check(self, user_id: str, *, create: bool = False) -> None:
         """Raise :class:`RateLimitedError` or :class:`SessionLimitError`, or return if allowed."""
+        if not create and not self._request_interval:
+            return  # nothing to check for this request
+        if time.monotonic() < self._bypass_until:
+            return
         try:
             verdict, value = await self._run(user_id, create)
             if verdict == 2 and await self._prune(user_id):
                 verdict, value = await self._run(user_id, create)
         except (RedisError, OSError, TimeoutError) as exc:
             now = time.monotonic()
+            self._bypass_until = now + BYPASS_AFTER_FAILURE_S
             if now - self._warned_at >= _WARN_EVERY_S:
                 self._warned_at = now
                 log.warning("rate_limit_unavailable", error=type(exc).__name__)
