@@ -92,3 +92,19 @@ async def test_limiter_lets_requests_through_when_its_redis_is_away(cluster: Clu
             assert (await api.get("/sessions", headers=auth(user))).status_code == 200
         # After the first failure the limiter is bypassed for a while, not retried per request.
         assert time.monotonic() - started < 5.0
+
+
+async def test_a_gateway_takes_request_tokens_in_batches(cluster: Cluster, user: str) -> None:
+    from sessionmgr.common.redis_client import create_redis
+    from sessionmgr.gateway.ratelimit import RateLimiter
+
+    settings = cluster.settings.with_overrides(rate_limit_per_minute=3000)  # 20 ms per token, batches of 10
+    redis = create_redis(settings)
+    try:
+        limiter = RateLimiter(redis, settings)
+        for _ in range(21):
+            await limiter.check(user)
+        # Three batches of ten were charged (600 ms ahead of now), not 21 single tokens (420 ms).
+        assert 500 < await redis.pttl(bucket_key(user, "requests")) <= 600
+    finally:
+        await redis.aclose()
