@@ -31,6 +31,9 @@ def main() -> None:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=int(settings.drain_timeout),
+            # Longer than the usual 60 s idle timeout of load balancers and client pools, so the
+            # server never closes a kept-alive connection just as a client reuses it.
+            timeout_keep_alive=75,
             **server_tls_options(settings),  # HTTPS with TLS_CERT_FILE / TLS_KEY_FILE
         )
     finally:
