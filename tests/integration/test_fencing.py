@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -47,3 +48,27 @@ async def test_stale_epoch_cannot_write_once_a_newer_owner_fenced_the_shard(isol
         assert (await _write(store, shard, base + 1, sid, 1, 2)).status == "OK"
     finally:
         await redis.aclose()
+
+
+async def test_writes_issued_together_are_batched_in_order_and_survive_a_script_flush(isolated_servers: Servers) -> None:
+    redis = Redis(host="127.0.0.1", port=isolated_servers.redis_port)
+    try:
+        store = SessionStore(redis, shard_count=64)
+        sids = [uuid.uuid4().hex for _ in range(20)]
+        await redis.script_flush()  # the pipelined EVALSHAs meet NOSCRIPT and are rerun once
+        outcomes = await asyncio.gather(*(_write(store, store.shard_of(s), 0, s, ABSENT, 1) for s in sids))
+        assert [o.status for o in outcomes] == ["OK"] * 20
+        # Same session twice in one batch: the first write wins, the second sees the new version.
+        sid = sids[0]
+        first, second = await asyncio.gather(_write(store, store.shard_of(sid), 0, sid, 1, 2), _write(store, store.shard_of(sid), 0, sid, 1, 2))
+        assert (first.status, second.status) == ("OK", "VERSION")
+    finally:
+        await redis.aclose()
+    # Redis gone: every caller of the batch gets the connection error.
+    dead = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    try:
+        store = SessionStore(dead, shard_count=64)
+        results = await asyncio.gather(*(_write(store, 0, 0, uuid.uuid4().hex, ABSENT, 1) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, ConnectionError) or "Connect" in type(r).__name__ for r in results), results
+    finally:
+        await dead.aclose()
