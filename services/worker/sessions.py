@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -49,6 +50,14 @@ from sessionmgr.worker.lifecycle import INITIAL_STATE, check_transition
 from sessionmgr.worker.store import ABSENT, IdempotencyRecord, SessionStore, decode_record
 
 tracer = trace.get_tracer("sessionmgr.worker")
+_NO_SPAN: AbstractContextManager[None] = nullcontext()
+
+
+def _redis_span(name: str) -> AbstractContextManager[Any]:
+    """A Redis client span inside a sampled trace; outside one (the default) nothing to create."""
+    if not trace.get_current_span().is_recording():
+        return _NO_SPAN
+    return tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes={"db.system": "redis"})
 
 _create_decoder = msgspec.json.Decoder(CreateSessionCommand)
 _update_decoder = msgspec.json.Decoder(UpdateSessionCommand)
@@ -146,7 +155,7 @@ class SessionService:
     async def _current(self, session_id: str) -> Session | None:
         session = self._cache.get(session_id)
         if session is None:
-            with tracer.start_as_current_span("redis HGET", kind=trace.SpanKind.CLIENT, attributes={"db.system": "redis"}):
+            with _redis_span("redis HGET"):
                 session = await self._store.load(session_id)
             if session is None:
                 return None
@@ -295,7 +304,7 @@ class SessionService:
             record = IdempotencyRecord(body_hash, body, version) if call.idem_key else None
             if current is None and new is not None:
                 await self._store.index_add(new)  # the user index is a superset; listings prune it
-            with tracer.start_as_current_span("redis EVALSHA write_session", kind=trace.SpanKind.CLIENT, attributes={"db.system": "redis"}):
+            with _redis_span("redis EVALSHA write_session"):
                 outcome = await self._store.write(
                     shard=shard,
                     epoch=epoch,
