@@ -45,6 +45,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def write_results(name: str, records: list[dict]) -> Path:
+    """One JSON line per record in bench/results/<name>-<timestamp>.jsonl, for comparing runs."""
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
 class Cluster:
     def __init__(self, root: Path, workers: int, heartbeat_interval: float, heartbeat_misses: int) -> None:
         self.root = root
@@ -259,12 +268,7 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"  acknowledged increments {summary['acknowledged_increments']}, lost {lost}")
         print(f"  client-visible failures {sum(load.failures.values())} {dict(load.failures) or ''}")
         print(f"  shards moved per kill {summary['shards_moved_per_kill']} (only the victim's: {summary['only_victims_shards_moved']})")
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        with open(out / f"failover-{time.strftime('%Y%m%d-%H%M%S')}.jsonl", "w") as fh:
-            for row in rows:
-                fh.write(json.dumps({"kind": "failover_round", **row}) + "\n")
-            fh.write(json.dumps({"kind": "failover_summary", **summary}) + "\n")
+        write_results("failover", [{"kind": "failover_round", **row} for row in rows] + [{"kind": "failover_summary", **summary}])
         return 0 if lost == 0 else 1
     finally:
         cluster.stop()

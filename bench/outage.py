@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import httpx
 import nats
 
 sys.path.insert(0, str(Path(__file__).parent))
-from failover import JWT_SECRET, Cluster, Coverage  # noqa: E402
+from failover import JWT_SECRET, Cluster, Coverage, write_results  # noqa: E402
 
 from sessionmgr.common import natsauth, procs, subjects  # noqa: E402
 from sessionmgr.common.models import request_status_decoder  # noqa: E402
@@ -150,9 +149,7 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"  lost: {lost}")
         print(f"  queue drained {summary['queue_drained_s']} s after Redis came back")
         print(f"  error rate: before {summary['error_rate']['before']:.2%}, during {summary['error_rate']['during']:.2%}, after {summary['error_rate']['after']:.2%} {summary['error_answers']}")
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        (out / f"outage-{time.strftime('%Y%m%d-%H%M%S')}.jsonl").write_text(json.dumps({"kind": "redis_outage", **summary}) + "\n")
+        write_results("outage", [{"kind": "redis_outage", **summary}])
         return 0 if lost == 0 and not pending else 1
     finally:
         cluster.stop()

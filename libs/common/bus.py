@@ -28,6 +28,12 @@ HEADER_READ_ONLY = "Sm-Read-Only"
 # The gateway made the Idempotency-Key itself: it only has to outlive the gateway's own retries.
 HEADER_KEY_GENERATED = "Sm-Key-Generated"
 
+# Reply headers (worker -> gateway or CLI).
+HEADER_STATUS = "Sm-Status"  # the HTTP status the answer maps to
+HEADER_VERSION = "Sm-Version"  # the session version after the request (ETag)
+HEADER_QUEUED = "Sm-Queued-Request"  # request id of a change queued in degraded mode (202)
+HEADER_STALE = "Sm-Stale"  # "1": read served from memory while storage is away
+
 # "No responders" is answered at once, so retrying often is cheap and finds the new owner soon.
 _BACKOFF_BASE = 0.01
 _BACKOFF_CAP = 0.1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,8 +54,6 @@ def main() -> None:
     signal.signal(signal.SIGTERM, request_stop)
 
     def launch(proc: procs.ManagedProcess, port: int | None = None) -> None:
-        import subprocess
-
         proc.start(stdout=subprocess.PIPE)
         started.append(proc)
         assert proc.popen is not None and proc.popen.stdout is not None

@@ -38,10 +38,6 @@ from sessionmgr.gateway.guards import authenticate_and_limit
 from sessionmgr.gateway.state import GatewayState
 
 JSON = "application/json"
-HEADER_VERSION = "Sm-Version"
-HEADER_STATUS = "Sm-Status"
-HEADER_QUEUED = "Sm-Queued-Request"
-HEADER_STALE = "Sm-Stale"
 
 
 def _state(request: Request) -> GatewayState:
@@ -95,14 +91,14 @@ def _if_match(request: Request) -> str | None:
 
 def _reply(msg_data: bytes, headers: dict[str, str] | None, *, session_id: str | None = None, extra: dict[str, str] | None = None) -> Response[bytes]:
     headers = headers or {}
-    status = int(headers.get(HEADER_STATUS, "200"))
+    status = int(headers.get(bus.HEADER_STATUS, "200"))
     out = dict(extra or {})
-    if HEADER_VERSION in headers:
-        out["ETag"] = f'"{headers[HEADER_VERSION]}"'
-    if status == 202 and session_id and HEADER_QUEUED in headers:
+    if bus.HEADER_VERSION in headers:
+        out["ETag"] = f'"{headers[bus.HEADER_VERSION]}"'
+    if status == 202 and session_id and bus.HEADER_QUEUED in headers:
         # Accepted while storage is away: the change is queued durably; poll its status here.
-        out["Location"] = f"/sessions/{session_id}/requests/{headers[HEADER_QUEUED]}"
-    if headers.get(HEADER_STALE) == "1":
+        out["Location"] = f"/sessions/{session_id}/requests/{headers[bus.HEADER_QUEUED]}"
+    if headers.get(bus.HEADER_STALE) == "1":
         out["Warning"] = '110 - "Response is Stale"'
         out["X-Session-Stale"] = "true"
     if status == 204:

@@ -34,8 +34,7 @@ class WorkerClient:
         self._metrics = metrics or GatewayMetrics()
         self._tracer = tracer or _default_tracer
         self.nc: NATS | None = None
-        self._last_heartbeat = 0.0
-        self._worker_degraded: dict[str, tuple[bool, float]] = {}
+        self._workers: dict[str, tuple[bool, float]] = {}  # worker -> (degraded, last heartbeat)
         self._statuses: KeyValue | None = None
         self._hinted: dict[str, float] = {}
 
@@ -60,14 +59,13 @@ class WorkerClient:
         except msgspec.DecodeError:
             return
         now = time.monotonic()
-        self._last_heartbeat = now
-        self._worker_degraded[beat.worker_id] = (beat.degraded, now)
+        self._workers[beat.worker_id] = (beat.degraded, now)
 
     @property
     def degraded(self) -> bool:
         """A live worker's latest heartbeat reports degraded mode (Redis away or changes queued)."""
         now = time.monotonic()
-        return any(flag and now - seen <= self._settings.failure_timeout for flag, seen in self._worker_degraded.values())
+        return any(flag and now - seen <= self._settings.failure_timeout for flag, seen in self._workers.values())
 
     async def request_status(self, request_id: str) -> RequestStatus | None:
         assert self.nc is not None
@@ -85,7 +83,8 @@ class WorkerClient:
 
     @property
     def workers_alive(self) -> bool:
-        return time.monotonic() - self._last_heartbeat <= self._settings.failure_timeout
+        now = time.monotonic()
+        return any(now - seen <= self._settings.failure_timeout for _, seen in self._workers.values())
 
     async def call(self, subject: str, payload: bytes, headers: dict[str, str], *, op: str) -> Msg:
         assert self.nc is not None
@@ -122,9 +121,10 @@ class WorkerClient:
 
     async def _hint_unreachable(self, subject: str) -> None:
         """Tell the supervisor a shard has no subscriber; it probes the owner (at most every 100 ms)."""
-        if not subject.startswith(subjects.SHARD_PREFIX + "."):
+        try:
+            shard = str(subjects.parse_shard_subject(subject)[0])
+        except ValueError:
             return
-        shard = subject.split(".", 3)[2]
         now = time.monotonic()
         if now - self._hinted.get(shard, 0.0) < 0.1:
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from sessionmgr.common.models import Session
 
@@ -35,8 +35,8 @@ class SessionCache:
     def evict(self, session_id: str) -> None:
         self._items.pop(session_id, None)
 
-    def evict_where(self, predicate: object) -> int:
-        doomed = [sid for sid in self._items if predicate(sid)]  # type: ignore[operator]
+    def evict_where(self, predicate: Callable[[str], bool]) -> int:
+        doomed = [sid for sid in self._items if predicate(sid)]
         for sid in doomed:
             del self._items[sid]
         return len(doomed)

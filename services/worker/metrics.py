@@ -96,7 +96,8 @@ class _WorkerStateCollector(Collector):
         moves = CounterMetricFamily("sm_worker_shard_moves", "Shards this worker took or released")
         if worker is not None:
             cache = worker._cache  # noqa: SLF001 - the worker's own state, read-only
-            current = worker._in_flight  # noqa: SLF001
+            owned = worker.shards
+            current = owned.in_flight if owned is not None else 0
             maximum = worker.settings.worker_max_in_flight
             sessions.add_metric([], len(cache))
             for state, count in sorted(Tally(s.state for s in cache.sessions()).items()):
@@ -104,7 +105,6 @@ class _WorkerStateCollector(Collector):
             in_flight.add_metric([], current)
             limit.add_metric([], maximum)
             utilization.add_metric([], current / maximum)
-            owned = worker.shards
             shards.add_metric([], len(owned.shards) if owned is not None else 0)
             moves.add_metric([], owned.moves if owned is not None else 0)
         yield from (sessions, by_state, in_flight, limit, utilization, shards, moves)

@@ -54,10 +54,6 @@ from sessionmgr.worker.store import SessionStore
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("sessionmgr.worker")
 
-HEADER_VERSION = "Sm-Version"
-HEADER_STATUS = "Sm-Status"
-HEADER_QUEUED = "Sm-Queued-Request"
-HEADER_STALE = "Sm-Stale"
 # What a queued request must carry to be replayed exactly as it arrived.
 _REPLAY_HEADERS = (
     bus.HEADER_USER,
@@ -88,7 +84,6 @@ class Worker:
         self._beat_now = asyncio.Event()
         self._locks = KeyedLock()
         self._cache = SessionCache(settings.worker_cache_max_sessions)
-        self._in_flight = 0
         self._accepting = True
         self._last_tick = time.monotonic()
         self._map_revision = 0
@@ -187,7 +182,7 @@ class Worker:
         try:
             await self._serve_call(msg, shard, session_id, op)
         finally:
-            await self.shards.end(shard)  # type: ignore[union-attr]
+            self.shards.end(shard)  # type: ignore[union-attr]
 
     async def _serve_call(self, msg: Msg, shard: int, session_id: str, op: str) -> None:
         started = time.perf_counter()
@@ -195,7 +190,6 @@ class Worker:
         outcome = "ok"
         error_code = None
         trace_ids: dict[str, str] = {}
-        self._in_flight += 1
         try:
             request_id = headers.get(bus.HEADER_REQUEST_ID) or msg.reply.rsplit(".", 1)[-1][:24] or "-"
             structlog.contextvars.bind_contextvars(session_id=session_id, request_id=request_id, op=op)
@@ -209,13 +203,13 @@ class Worker:
                     await self._check_lease()
                     async with self._locks.hold(session_id):
                         reply, stale = await self._handle(call, shard, headers)
-                    reply_headers = {HEADER_STATUS: str(reply.status)}
+                    reply_headers = {bus.HEADER_STATUS: str(reply.status)}
                     if reply.version is not None:
-                        reply_headers[HEADER_VERSION] = str(reply.version)
+                        reply_headers[bus.HEADER_VERSION] = str(reply.version)
                     if reply.status == 202:
-                        reply_headers[HEADER_QUEUED] = call.request_id
+                        reply_headers[bus.HEADER_QUEUED] = call.request_id
                     if stale:
-                        reply_headers[HEADER_STALE] = "1"
+                        reply_headers[bus.HEADER_STALE] = "1"
                     await self._respond(msg, reply.body, reply_headers)
                 except SessionManagerError as error:
                     outcome, error_code = "error", error.code
@@ -229,7 +223,6 @@ class Worker:
                     log.exception("request_failed")
                     await self._respond(msg, b"", error_headers(InternalError("internal error")))
         finally:
-            self._in_flight -= 1
             duration = time.perf_counter() - started
             self.metrics.observe_request(op, duration, error_code)
             log.info("request_handled", outcome=outcome, error_code=error_code, duration_ms=round(duration * 1000, 2), **trace_ids)
@@ -300,7 +293,7 @@ class Worker:
     async def _serve_list(self, msg: Msg) -> None:
         try:
             body = await self.service.list_sessions(msg.data)  # type: ignore[union-attr]
-            await self._respond(msg, body, {HEADER_STATUS: "200"})
+            await self._respond(msg, body, {bus.HEADER_STATUS: "200"})
         except SessionManagerError as error:
             await self._respond(msg, b"", error_headers(error))
         except _STORAGE_ERRORS:
@@ -345,7 +338,7 @@ class Worker:
                 started_at=started_at,
                 seq=seq,
                 sessions=len(self._cache),
-                in_flight=self._in_flight,
+                in_flight=self.shards.in_flight,  # type: ignore[union-attr]
                 shards=self.shards.shards,  # type: ignore[union-attr]
                 draining=not self._accepting,
                 degraded=self.degraded is not None and self.degraded.active,
@@ -408,7 +401,7 @@ class Worker:
         to another worker (each new owner asks us to release it), then leave."""
         self._accepting = False
         self._beat_now.set()  # the supervisor learns we are draining now, not at the next beat
-        log.info("worker_draining", worker_id=self.worker_id, in_flight=self._in_flight)
+        log.info("worker_draining", worker_id=self.worker_id, in_flight=self.shards.in_flight)  # type: ignore[union-attr]
         deadline = time.monotonic() + self.settings.drain_timeout
         await self.shards.wait_empty(timeout=self.settings.drain_timeout)  # type: ignore[union-attr]
         await self.shards.release_all()  # type: ignore[union-attr]

@@ -62,7 +62,7 @@ class ShardOwnership:
         self._background: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
         self._in_flight: Counter[int] = Counter()
-        self._idle = asyncio.Condition()
+        self._idle_waiters: dict[int, asyncio.Event] = {}
         self.moves = 0
 
     # ---- the Ownership protocol used by SessionService ------------------------------------
@@ -85,23 +85,33 @@ class ShardOwnership:
 
     # ---- in-flight accounting, so a release can wait for the shard's requests -------------
 
+    @property
+    def in_flight(self) -> int:
+        return sum(self._in_flight.values())
+
     def begin(self, shard: int) -> None:
         self._in_flight[shard] += 1
 
-    async def end(self, shard: int) -> None:
-        self._in_flight[shard] -= 1
-        if self._in_flight[shard] <= 0:
-            del self._in_flight[shard]
-            async with self._idle:
-                self._idle.notify_all()
+    def end(self, shard: int) -> None:
+        # On the request path: no lock, no await; only a release that waits gets woken.
+        left = self._in_flight[shard] - 1
+        if left > 0:
+            self._in_flight[shard] = left
+            return
+        del self._in_flight[shard]
+        waiter = self._idle_waiters.pop(shard, None)
+        if waiter is not None:
+            waiter.set()
 
     async def _wait_idle(self, shard: int) -> None:
-        async with self._idle:
-            try:
-                async with asyncio.timeout(self._handoff_timeout):
-                    await self._idle.wait_for(lambda: self._in_flight[shard] == 0)
-            except TimeoutError:
-                log.warning("release_in_flight_timeout", shard=shard, in_flight=self._in_flight[shard])
+        if not self._in_flight[shard]:
+            return
+        idle = self._idle_waiters.setdefault(shard, asyncio.Event())
+        try:
+            async with asyncio.timeout(self._handoff_timeout):
+                await idle.wait()
+        except TimeoutError:
+            log.warning("release_in_flight_timeout", shard=shard, in_flight=self._in_flight[shard])
 
     # ---- reconciling with the map ---------------------------------------------------------
 

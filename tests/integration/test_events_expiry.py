@@ -66,13 +66,16 @@ async def test_untouched_session_expires_404s_leaves_the_listing_and_emits_expir
     async with AsyncTestClient(app=create_app(cluster.settings), base_url="http://gateway.local") as api:
         created = (await api.post("/sessions", headers=headers)).json()
         sid = created["session_id"]
-        keeper = (await api.post("/sessions", headers=headers)).json()["session_id"]
+        keeper = (await api.post("/sessions", headers=headers)).json()
         consumer = await _pull(nc, sid, "expiry-watch")
 
-        # A change renews the expiry.
-        changed = (await api.post(f"/sessions/{keeper}/request", json={"action": "context.set", "payload": {"a": 1}}, headers=headers)).json()
-        renewed = (await api.get(f"/sessions/{keeper}", headers=headers)).json()
-        assert renewed["expires_at"] > created["expires_at"] and changed["version"] == 2
+        # A change renews the expiry: SESSION_TTL after the change, later than before it.
+        changed = (await api.post(f"/sessions/{keeper['session_id']}/request", json={"action": "context.set", "payload": {"a": 1}}, headers=headers)).json()
+        renewed = (await api.get(f"/sessions/{keeper['session_id']}", headers=headers)).json()
+        assert changed["version"] == 2 and renewed["version"] == 2
+        assert renewed["expires_at"] > keeper["expires_at"]
+        last_updated = datetime.fromisoformat(renewed["last_updated"])
+        assert (datetime.fromisoformat(renewed["expires_at"]) - last_updated).total_seconds() == cluster.settings.session_ttl
 
         events = await _take(consumer, 2)  # created, then expired once the TTL passes
         assert [e.type for _, e in events] == ["created", "expired"]
