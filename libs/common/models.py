@@ -11,6 +11,53 @@ from msgspec import UNSET, UnsetType
 JsonObject = dict[str, Any]
 
 
+# ---- WhatsApp connection, config and messages (issue 7) ---------------------------------------
+
+CONNECTION_STATUSES = ("STOPPED", "STARTING", "SCAN_QR_CODE", "WORKING", "FAILED")
+
+
+class WebhookConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Where a session's events go. ``events`` filters by event type (``*`` for all, or a prefix
+    such as ``message.*``); ``secret`` is the HMAC-SHA256 key for the signature header."""
+
+    url: str
+    events: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    secret: str | None = None
+
+
+class SessionConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    engine: str | None = None  # None: WHATSAPP_DEFAULT_ENGINE
+    bot: str | None = None  # a bot handler's entry-point name (echo, menu), or None for no bot
+    webhooks: list[WebhookConfig] = []
+
+
+class LinkedAccount(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The WhatsApp account a session is linked to once paired (WAHA's ``me``)."""
+
+    id: str  # <phone>@c.us
+    push_name: str | None = None
+
+
+class Connection(msgspec.Struct, kw_only=True, omit_defaults=True):
+    status: str = "STOPPED"  # one of CONNECTION_STATUSES
+    since: datetime | None = None
+    me: LinkedAccount | None = None
+    last_error: str | None = None
+    failures: int = 0  # consecutive failed connection attempts (the crash-loop guard counts these)
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One message of a session's bounded history (``message.list``)."""
+
+    id: str
+    chat_id: str
+    from_me: bool
+    text: str
+    timestamp: datetime
+    status: str  # outbound: pending | sent | delivered | read | failed; inbound: received
+    seq: int = 0
+
+
 class Session(msgspec.Struct, kw_only=True):
     """A session as stored in Redis and held in a worker's memory."""
 
@@ -23,6 +70,9 @@ class Session(msgspec.Struct, kw_only=True):
     expires_at: datetime
     metadata: JsonObject = {}
     context: JsonObject = {}
+    config: SessionConfig = msgspec.field(default_factory=SessionConfig)
+    connection: Connection = msgspec.field(default_factory=Connection)
+    message_seq: int = 0  # last message sequence number given out (history order)
 
 
 class SessionView(msgspec.Struct, kw_only=True):
@@ -37,6 +87,16 @@ class SessionView(msgspec.Struct, kw_only=True):
     expires_at: datetime
     metadata: JsonObject
     context: JsonObject
+    config: SessionConfig
+    connection: Connection
+
+
+def redacted(config: SessionConfig) -> SessionConfig:
+    """Webhook secrets are write-only: views say one is set, never what it is."""
+    if not any(hook.secret for hook in config.webhooks):
+        return config
+    hooks = [msgspec.structs.replace(h, secret="***") if h.secret else h for h in config.webhooks]
+    return msgspec.structs.replace(config, webhooks=hooks)
 
 
 def view_of(session: Session) -> SessionView:
@@ -50,6 +110,8 @@ def view_of(session: Session) -> SessionView:
         expires_at=session.expires_at,
         metadata=session.metadata,
         context=session.context,
+        config=redacted(session.config),
+        connection=session.connection,
     )
 
 
@@ -58,11 +120,13 @@ def view_of(session: Session) -> SessionView:
 
 class CreateSessionBody(msgspec.Struct, forbid_unknown_fields=True):
     metadata: JsonObject = {}
+    config: SessionConfig | None = None
 
 
 class UpdateSessionBody(msgspec.Struct, forbid_unknown_fields=True):
     state: str | UnsetType = UNSET
     metadata: JsonObject | UnsetType = UNSET
+    config: SessionConfig | UnsetType = UNSET
 
 
 class ActionBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -99,11 +163,13 @@ class Problem(msgspec.Struct, kw_only=True, omit_defaults=True):
 class CreateSessionCommand(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     user_id: str | None = None  # the gateway sends it as a header; the CLI may put it here
     metadata: JsonObject = {}
+    config: SessionConfig | None = None
 
 
 class UpdateSessionCommand(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     state: str | UnsetType = UNSET
     metadata: JsonObject | UnsetType = UNSET
+    config: SessionConfig | UnsetType = UNSET
     expected_version: int | None = None
 
 
@@ -209,7 +275,8 @@ class SessionEvent(msgspec.Struct, kw_only=True):
     """Published on ``sm.events.<session_id>.<type>`` after the change it describes was persisted."""
 
     id: str
-    type: str  # created | updated | terminated | expired | request.applied
+    # created | updated | terminated | expired | request.applied | session.status | message | message.ack
+    type: str
     session_id: str
     user_id: str
     version: int

@@ -83,6 +83,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_tls: bool = False
     db_tls_ca: str | None = None
     cors_allow_origins: str = ""
+    # WhatsApp connections (issue 7). See README "WhatsApp sessions".
+    whatsapp_default_engine: str = "simulated"
+    connection_max_failures: int = 5
+    connection_retry_delay: float = 1.0
+    qr_rotate_interval: float = 20.0
+    qr_max_rotations: int = 6
+    message_history_limit: int = 200
+    max_message_text: int = 4096
+    sim_ack_delay: float = 0.05
+    # Webhooks (issue 7): global targets for every session's events, on top of per-session ones.
+    webhook_url: str = ""
+    webhook_events: str = "*"
+    webhook_secret: str | None = None
+    webhook_max_attempts: int = 6
+    webhook_retry_base_delay: float = 1.0
+    webhook_retry_max_delay: float = 300.0
+    webhook_timeout: float = 10.0
+    webhook_max_in_flight: int = 32
 
     @property
     def is_development(self) -> bool:
@@ -95,6 +113,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
+
+    @property
+    def webhook_urls(self) -> list[str]:
+        return [u.strip() for u in self.webhook_url.split(",") if u.strip()]
+
+    @property
+    def webhook_event_filter(self) -> list[str]:
+        return [e.strip() for e in self.webhook_events.split(",") if e.strip()] or ["*"]
 
     @property
     def failure_timeout(self) -> float:
@@ -157,6 +183,24 @@ ENV_VARS: dict[str, str] = {
     "DB_TLS": "db_tls",
     "DB_TLS_CA": "db_tls_ca",
     "CORS_ALLOW_ORIGINS": "cors_allow_origins",
+    # WhatsApp connections
+    "WHATSAPP_DEFAULT_ENGINE": "whatsapp_default_engine",
+    "CONNECTION_MAX_FAILURES": "connection_max_failures",
+    "CONNECTION_RETRY_DELAY": "connection_retry_delay",
+    "QR_ROTATE_INTERVAL": "qr_rotate_interval",
+    "QR_MAX_ROTATIONS": "qr_max_rotations",
+    "MESSAGE_HISTORY_LIMIT": "message_history_limit",
+    "MAX_MESSAGE_TEXT": "max_message_text",
+    "SIM_ACK_DELAY": "sim_ack_delay",
+    # Webhooks
+    "WEBHOOK_URL": "webhook_url",
+    "WEBHOOK_EVENTS": "webhook_events",
+    "WEBHOOK_SECRET": "webhook_secret",
+    "WEBHOOK_MAX_ATTEMPTS": "webhook_max_attempts",
+    "WEBHOOK_RETRY_BASE_DELAY": "webhook_retry_base_delay",
+    "WEBHOOK_RETRY_MAX_DELAY": "webhook_retry_max_delay",
+    "WEBHOOK_TIMEOUT": "webhook_timeout",
+    "WEBHOOK_MAX_IN_FLIGHT": "webhook_max_in_flight",
 }
 
 _ENV_ALIASES = {"APP_ENV": "NODE_ENV"}
@@ -223,6 +267,7 @@ def validate_settings(s: Settings) -> Settings:
     check(0.05 <= s.expiry_sweep_interval <= 3600, "EXPIRY_SWEEP_INTERVAL must be between 0.05 and 3600 seconds")
     check(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
     _check_security(s, check)
+    _check_whatsapp(s, check)
     check(not s.worker_id or bool(_WORKER_ID_RE.match(s.worker_id)), "WORKER_ID may only hold A-Z a-z 0-9 _ -")
     if not s.is_development:
         check(s.jwt_secret != DEV_JWT_SECRET, "JWT_SECRET must be set outside development (NODE_ENV=production)")
@@ -230,6 +275,24 @@ def validate_settings(s: Settings) -> Settings:
     if problems:
         raise SettingsError("; ".join(problems))
     return s
+
+
+def _check_whatsapp(s: Settings, check: Any) -> None:
+    check(1 <= s.connection_max_failures <= 100, "CONNECTION_MAX_FAILURES must be between 1 and 100")
+    check(0.01 <= s.connection_retry_delay <= 300, "CONNECTION_RETRY_DELAY must be between 0.01 and 300 seconds")
+    check(0.05 <= s.qr_rotate_interval <= 300, "QR_ROTATE_INTERVAL must be between 0.05 and 300 seconds")
+    check(1 <= s.qr_max_rotations <= 100, "QR_MAX_ROTATIONS must be between 1 and 100")
+    check(1 <= s.message_history_limit <= 10_000, "MESSAGE_HISTORY_LIMIT must be between 1 and 10000")
+    check(1 <= s.max_message_text <= 65_536, "MAX_MESSAGE_TEXT must be between 1 and 65536 characters")
+    check(0 <= s.sim_ack_delay <= 60, "SIM_ACK_DELAY must be between 0 and 60 seconds")
+    urls = s.webhook_urls
+    check(len(urls) <= 16, "WEBHOOK_URL holds at most 16 comma-separated URLs")
+    check(all(u.startswith(("https://", "http://")) and len(u) <= 2048 for u in urls), "WEBHOOK_URL is a comma-separated list of http(s) URLs")
+    check(1 <= s.webhook_max_attempts <= 50, "WEBHOOK_MAX_ATTEMPTS must be between 1 and 50")
+    check(0.01 <= s.webhook_retry_base_delay <= 3600, "WEBHOOK_RETRY_BASE_DELAY must be between 0.01 and 3600 seconds")
+    check(s.webhook_retry_base_delay <= s.webhook_retry_max_delay <= 24 * 3600, "WEBHOOK_RETRY_MAX_DELAY must be at least WEBHOOK_RETRY_BASE_DELAY and at most a day")
+    check(0.1 <= s.webhook_timeout <= 120, "WEBHOOK_TIMEOUT must be between 0.1 and 120 seconds")
+    check(1 <= s.webhook_max_in_flight <= 1000, "WEBHOOK_MAX_IN_FLIGHT must be between 1 and 1000")
 
 
 SYMMETRIC_JWT_ALGORITHMS = ("HS256", "HS384", "HS512")

@@ -50,6 +50,7 @@ from sessionmgr.worker.expiry import ExpirySweeper
 from sessionmgr.worker.sessions import Call, Reply, SessionService
 from sessionmgr.worker.shards import ShardOwnership
 from sessionmgr.worker.store import SessionStore
+from sessionmgr.worker.webhooks import WebhookService
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("sessionmgr.worker")
@@ -119,7 +120,9 @@ class Worker:
             )
             js = self.nc.jetstream()
             await ensure_streams(js)
-            events = EventPublisher(self.nc)
+            webhooks = WebhookService(nc=self.nc, settings=self.settings)
+            await webhooks.start()
+            events = EventPublisher(self.nc, webhooks)
             self.service = SessionService(
                 store=store, cache=self._cache, ownership=self.shards, actions=registry, settings=self.settings, events=events
             )
@@ -146,6 +149,7 @@ class Worker:
                         group.create_task(self._watch_map()),
                         group.create_task(self.degraded.run()),
                         group.create_task(sweeper.run()),
+                        group.create_task(webhooks.run()),
                     ]
                     await stop.wait()
                     await self._drain()
