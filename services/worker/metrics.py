@@ -15,6 +15,7 @@ are touched (pre-bound children); everything else is read from the worker at scr
 | ``sm_worker_shard_moves_total`` | | shards taken or released |
 | ``sm_redis_duration_seconds`` | ``command`` | Redis round trips |
 | ``sm_degraded_queue_depth`` | | changes queued while storage is away (degraded mode) |
+| ``sm_webhook_deliveries_total`` | ``outcome`` | webhook deliveries: enqueued, enqueue_failed, delivered, retried, dead_lettered |
 
 Average occupancy over a window is ``rate(sm_worker_request_duration_seconds_sum[5m]) /
 sm_worker_max_in_flight`` (busy request-seconds per second over the slots there are).
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from sessionmgr.worker.server import Worker
 
 UNKNOWN_OP = "unknown"
+WEBHOOK_OUTCOMES = ("enqueued", "enqueue_failed", "delivered", "retried", "dead_lettered")
 
 
 class WorkerMetrics:
@@ -57,6 +59,10 @@ class WorkerMetrics:
             "Changes queued while session storage is unreachable (degraded mode); 0 when storage is healthy",
             registry=self.registry,
         )
+        self.webhook_deliveries = Counter(
+            "sm_webhook_deliveries", "Webhook deliveries by outcome (enqueued, enqueue_failed, delivered, retried, dead_lettered)", ["outcome"], registry=self.registry
+        )
+        self._webhook_outcomes = {o: self.webhook_deliveries.labels(outcome=o) for o in WEBHOOK_OUTCOMES}
         self.redis = RedisObserver(self.registry, tracer)
         self._known_ops = frozenset((*subjects.SESSION_OPS, *known_actions))
         self._ops: LabelCache[Any] = LabelCache(lambda op: self.request_duration.labels(op=op), limit=128, preset=(*sorted(self._known_ops), UNKNOWN_OP))
@@ -67,6 +73,12 @@ class WorkerMetrics:
     def watch(self, worker: Worker) -> None:
         """Read sessions, in-flight requests and shards from ``worker`` at every scrape."""
         self._state.worker = worker
+
+    def count_webhook(self, outcome: str) -> None:
+        """``WebhookService(count=...)``: one delivery outcome (WEBHOOK_OUTCOMES)."""
+        child = self._webhook_outcomes.get(outcome)
+        if child is not None:
+            child.inc()
 
     def observe_request(self, op: str, seconds: float, error_code: str | None) -> None:
         self._ops[op if op in self._known_ops else UNKNOWN_OP].observe(seconds)
