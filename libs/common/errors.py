@@ -56,6 +56,12 @@ class InvalidTransitionError(SessionManagerError):
     code, status, title = "invalid_transition", 409, "State transition not allowed"
 
 
+class ConnectionStatusError(SessionManagerError):
+    """The WhatsApp connection's status does not allow the action (the detail names the status)."""
+
+    code, status, title = "invalid_connection_status", 409, "Not allowed in the connection's current status"
+
+
 class SessionExistsError(SessionManagerError):
     code, status, title = "session_exists", 409, "Session already exists"
 

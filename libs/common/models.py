@@ -25,7 +25,7 @@ class WebhookConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, om
     secret: str | None = None
 
 
-class SessionConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+class SessionConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: str | None = None  # None: WHATSAPP_DEFAULT_ENGINE
     bot: str | None = None  # a bot handler's entry-point name (echo, menu), or None for no bot
     webhooks: list[WebhookConfig] = []
@@ -38,7 +38,7 @@ class LinkedAccount(msgspec.Struct, kw_only=True, omit_defaults=True):
     push_name: str | None = None
 
 
-class Connection(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Connection(msgspec.Struct, kw_only=True):
     status: str = "STOPPED"  # one of CONNECTION_STATUSES
     since: datetime | None = None
     me: LinkedAccount | None = None
@@ -46,7 +46,7 @@ class Connection(msgspec.Struct, kw_only=True, omit_defaults=True):
     failures: int = 0  # consecutive failed connection attempts (the crash-loop guard counts these)
 
 
-class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ChatMessage(msgspec.Struct, kw_only=True):
     """One message of a session's bounded history (``message.list``)."""
 
     id: str

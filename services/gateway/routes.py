@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from typing import Annotated
 
 import msgspec
+import segno
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, Parameter
@@ -38,6 +40,23 @@ from sessionmgr.gateway.guards import authenticate_and_limit
 from sessionmgr.gateway.state import GatewayState
 
 JSON = "application/json"
+
+
+class QrView(msgspec.Struct):
+    qr: str
+
+
+class _QrResult(msgspec.Struct):
+    result: QrView
+
+
+_qr_decoder = msgspec.json.Decoder(_QrResult)
+
+
+def render_qr_png(payload: str) -> bytes:
+    buffer = io.BytesIO()
+    segno.make(payload, error="l", micro=False).save(buffer, kind="png", scale=6, border=4)
+    return buffer.getvalue()
 
 
 def _state(request: Request) -> GatewayState:
@@ -136,7 +155,7 @@ class SessionController(Controller):
             metadata["client_version"] = client_version[:128]
         if request.client is not None:
             headers[bus.HEADER_CLIENT_IP] = request.client.host
-        payload = json_encoder.encode(CreateSessionCommand(metadata=metadata))
+        payload = json_encoder.encode(CreateSessionCommand(metadata=metadata, config=data.config if data else None))
         body, reply_headers = await _forward(request, session_id, subjects.OP_CREATE, payload, headers)
         return _reply(body, reply_headers, session_id=session_id, extra={"Location": f"/sessions/{session_id}"})
 
@@ -175,7 +194,7 @@ class SessionController(Controller):
         if_match = _if_match(request)
         if if_match is not None:
             headers[bus.HEADER_IF_MATCH] = if_match
-        payload = json_encoder.encode(UpdateSessionCommand(state=data.state, metadata=data.metadata))
+        payload = json_encoder.encode(UpdateSessionCommand(state=data.state, metadata=data.metadata, config=data.config))
         body, reply_headers = await _forward(request, session_id, subjects.OP_UPDATE, payload, headers)
         return _reply(body, reply_headers, session_id=session_id)
 
@@ -222,6 +241,22 @@ class SessionController(Controller):
             headers[bus.HEADER_READ_ONLY] = "1"  # the worker knows which actions change the session
         body, reply_headers = await _forward(request, session_id, data.action, msgspec.json.encode(data.payload), headers)
         return _reply(body, reply_headers, session_id=session_id)
+
+
+    @get(
+        "/{session_id:str}/qr",
+        summary="The QR code to link WhatsApp (PNG, or JSON with Accept: application/json)",
+        responses={200: ResponseSpec(data_container=QrView, description="image/png by default")},
+    )
+    async def get_qr(self, request: Request, session_id: FromPath[str]) -> Response[bytes]:
+        principal = _principal(request)
+        _checked_session_id(session_id)
+        headers = _base_headers(request, principal, mutating=False)
+        body, _ = await _forward(request, session_id, "auth.qr", b"{}", headers)
+        qr = _qr_decoder.decode(body).result
+        if "application/json" in request.headers.get("accept", ""):
+            return Response(json_encoder.encode(qr), media_type=JSON, headers={"Cache-Control": "no-store"})
+        return Response(render_qr_png(qr.qr), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @get("/healthz", summary="Process is alive", tags=["health"])

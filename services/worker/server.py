@@ -51,6 +51,11 @@ from sessionmgr.worker.sessions import Call, Reply, SessionService
 from sessionmgr.worker.shards import ShardOwnership
 from sessionmgr.worker.store import SessionStore
 from sessionmgr.worker.webhooks import WebhookService
+from sessionmgr.worker.bots import BotRegistry
+from sessionmgr.worker.connections import ConnectionManager
+from sessionmgr.worker.engine import EngineRegistry
+from sessionmgr.worker.sim_engine import SimulatedEngine
+from sessionmgr.worker.whatsapp import WhatsAppActions, make_config_check
 
 log = structlog.get_logger(__name__)
 tracer = trace.get_tracer("sessionmgr.worker")
@@ -91,6 +96,7 @@ class Worker:
         self.nc: NATS | None = None
         self.shards: ShardOwnership | None = None
         self.service: SessionService | None = None
+        self.connections: ConnectionManager | None = None
         self.metrics = WorkerMetrics(registry.names(), tracer=tracer)
         self.metrics.watch(self)
         self.degraded: DegradedMode | None = None
@@ -123,9 +129,22 @@ class Worker:
             webhooks = WebhookService(nc=self.nc, settings=self.settings)
             await webhooks.start()
             events = EventPublisher(self.nc, webhooks)
+            engines, bots = EngineRegistry(), BotRegistry()
+            engines.load_entry_points()
+            engines.register("simulated", SimulatedEngine)  # built in, even without package metadata
+            bots.load_entry_points()
             self.service = SessionService(
-                store=store, cache=self._cache, ownership=self.shards, actions=registry, settings=self.settings, events=events
+                store=store, cache=self._cache, ownership=self.shards, actions=registry, settings=self.settings, events=events,
+                config_check=make_config_check(engines, bots, self.settings),
             )
+            self.connections = ConnectionManager(
+                settings=self.settings, worker_id=self.worker_id, nc=self.nc, engines=engines, bots=bots,
+                service=self.service, store=store, locks=self._locks, events=events,
+            )
+            self.service.extend(WhatsAppActions(service=self.service, connections=self.connections, settings=self.settings))
+            self.shards.on_taken = self.connections.restore_shard
+            self.shards.on_released = self.connections.release_shard
+            stack.push_async_callback(self.connections.close_all)
             self.degraded = DegradedMode(
                 js=js,
                 statuses=await request_status_bucket(js),

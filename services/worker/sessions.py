@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from contextlib import AbstractContextManager, nullcontext
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -33,9 +33,11 @@ from sessionmgr.common.errors import (
 from sessionmgr.common.ids import is_valid_user_id
 from sessionmgr.common.models import (
     ActionResult,
+    ChatMessage,
     CreateSessionCommand,
     ListSessionsQuery,
     Session,
+    SessionConfig,
     SessionPage,
     UpdateSessionCommand,
     json_encoder,
@@ -97,9 +99,33 @@ class Reply:
     body: bytes
     version: int | None
     status: int = 200
+    replayed: bool = False  # the stored answer to an earlier request with the same idempotency key
 
 
-Compute = Callable[[Session | None], tuple[Session | None, bytes, int]]
+@dataclass(slots=True)
+class Change:
+    """What one compute step decided: the new session (None deletes it) and what goes with it."""
+
+    session: Session | None
+    body: bytes
+    status: int = 200
+    messages: Sequence[ChatMessage] = ()  # history entries written in the same script
+    live: bool | None = None  # join (True) or leave (False) the shard's live-connection index
+    events: Sequence[tuple[str, Any]] | None = None  # (type, data); None: the op's usual event
+
+
+Compute = Callable[[Session | None], Change]
+ConfigCheck = Callable[[SessionConfig], None]
+
+
+class ActionExtension(Protocol):
+    """Actions served outside the context-action registry (the WhatsApp connection's)."""
+
+    ops: frozenset[str]
+
+    def mutates(self, op: str) -> bool: ...
+
+    async def handle(self, call: Call) -> Reply: ...
 
 
 def _decode(decoder: msgspec.json.Decoder, payload: bytes) -> Any:
@@ -121,8 +147,11 @@ class SessionService:
         actions: ActionRegistry,
         settings: Settings,
         events: EventPublisher | None = None,
+        config_check: ConfigCheck | None = None,
     ) -> None:
         self._store = store
+        self._config_check = config_check
+        self._extension: ActionExtension | None = None
         self._events = events
         self._cache = cache
         self._ownership = ownership
@@ -130,10 +159,15 @@ class SessionService:
         self._settings = settings
         self._ttl = timedelta(seconds=settings.session_ttl)
 
+    def extend(self, extension: ActionExtension) -> None:
+        self._extension = extension
+
     def is_mutating(self, op: str) -> bool:
         """Whether ``op`` changes the session (and so must be queued while Redis is away)."""
         if op in subjects.SESSION_OPS:
             return op != subjects.OP_GET
+        if self._extension is not None and op in self._extension.ops:
+            return self._extension.mutates(op)
         try:
             return self._actions.get(op).mutates
         except SessionManagerError:
@@ -148,6 +182,8 @@ class SessionService:
             return await self._mutate(call, self._compute_update(call))
         if call.op == subjects.OP_DELETE:
             return await self._mutate(call, self._compute_delete(call))
+        if self._extension is not None and call.op in self._extension.ops:
+            return await self._extension.handle(call)
         return await self._run_action(call)
 
     # ---- reads --------------------------------------------------------------------------
@@ -170,6 +206,21 @@ class SessionService:
         if session is None or not call.may_access(session):
             raise SessionNotFoundError(f"no session {call.session_id!r}")
         return session
+
+    async def visible(self, call: Call) -> Session:
+        """The session ``call`` may see, from memory (or Redis), on a shard this worker owns."""
+        self._require_owner(call.session_id)
+        return await self._visible(call)
+
+    async def current(self, session_id: str) -> Session | None:
+        return await self._current(session_id)
+
+    async def mutate(self, call: Call, compute: Compute) -> Reply:
+        return await self._mutate(call, compute)
+
+    def owner_epoch(self, session_id: str) -> tuple[int, int]:
+        """(shard, epoch) if this worker owns the session's shard, else NotOwnerError."""
+        return self._require_owner(session_id)
 
     async def _get(self, call: Call) -> Reply:
         self._require_owner(call.session_id)
@@ -197,8 +248,11 @@ class SessionService:
         if call.client_ip:
             metadata["ip_address"] = call.client_ip
         check_metadata(metadata, max_keys=self._settings.max_metadata_keys)
+        config = command.config or SessionConfig()
+        if self._config_check is not None:
+            self._config_check(config)
 
-        def compute(current: Session | None) -> tuple[Session | None, bytes, int]:
+        def compute(current: Session | None) -> Change:
             if current is not None:
                 raise SessionExistsError(f"session {call.session_id!r} already exists")
             now = datetime.now(UTC)
@@ -212,16 +266,19 @@ class SessionService:
                 expires_at=now + self._ttl,
                 metadata=metadata,
                 context={},
+                config=config,
             )
-            return session, json_encoder.encode(view_of(session)), 201
+            return Change(session, json_encoder.encode(view_of(session)), 201)
 
         return compute
 
     def _compute_update(self, call: Call) -> Compute:
         command: UpdateSessionCommand = _decode(_update_decoder, call.payload)
         expected = call.if_match if call.if_match is not None else command.expected_version
+        if command.config is not msgspec.UNSET and self._config_check is not None:
+            self._config_check(command.config)
 
-        def compute(current: Session | None) -> tuple[Session | None, bytes, int]:
+        def compute(current: Session | None) -> Change:
             if current is None or not call.may_access(current):
                 raise SessionNotFoundError(f"no session {call.session_id!r}")
             if expected is not None and expected != current.version:
@@ -235,18 +292,19 @@ class SessionService:
                 metadata = {**current.metadata, **command.metadata}
                 metadata = {k: v for k, v in metadata.items() if v is not None}
                 check_metadata(metadata, max_keys=self._settings.max_metadata_keys)
-            session = self._next_version(current, state=state, metadata=metadata)
-            return session, json_encoder.encode(view_of(session)), 200
+            config = current.config if command.config is msgspec.UNSET else command.config
+            session = self._next_version(current, state=state, metadata=metadata, config=config)
+            return Change(session, json_encoder.encode(view_of(session)))
 
         return compute
 
     def _compute_delete(self, call: Call) -> Compute:
-        def compute(current: Session | None) -> tuple[Session | None, bytes, int]:
+        def compute(current: Session | None) -> Change:
             if current is None or not call.may_access(current):
                 raise SessionNotFoundError(f"no session {call.session_id!r}")
             if call.if_match is not None and call.if_match != current.version:
                 raise VersionMismatchError(f"session is at version {current.version}, If-Match asked for {call.if_match}")
-            return None, b"", 204
+            return Change(None, b"", 204)
 
         return compute
 
@@ -262,7 +320,7 @@ class SessionService:
             body = ActionResult(request_id=call.request_id, action=action.name, result=result, version=session.version)
             return Reply(json_encoder.encode(body), session.version)
 
-        def compute(current: Session | None) -> tuple[Session | None, bytes, int]:
+        def compute(current: Session | None) -> Change:
             if current is None or not call.may_access(current):
                 raise SessionNotFoundError(f"no session {call.session_id!r}")
             context = copy.deepcopy(current.context)
@@ -271,9 +329,12 @@ class SessionService:
                 raise LimitExceededError(f"session context would exceed {self._settings.max_context_bytes} bytes")
             session = self._next_version(current, context=context)
             body = ActionResult(request_id=call.request_id, action=action.name, result=result, version=session.version)
-            return session, json_encoder.encode(body), 200
+            return Change(session, json_encoder.encode(body))
 
         return await self._mutate(call, compute)
+
+    def next_version(self, current: Session, **changes: Any) -> Session:
+        return self._next_version(current, **changes)
 
     def _next_version(self, current: Session, **changes: Any) -> Session:
         now = datetime.now(UTC)
@@ -292,7 +353,7 @@ class SessionService:
             shard, epoch = self._require_owner(call.session_id)
             current = await self._current(call.session_id)
             try:
-                new, body, status = compute(current)
+                change = compute(current)
             except SessionManagerError:
                 # A retry whose first attempt succeeded can now fail validation (the state moved on):
                 # the stored result, not the error, is the answer.
@@ -300,6 +361,9 @@ class SessionService:
                 if replay is not None:
                     return replay
                 raise
+            new, body, status = change.session, change.body, change.status
+            if new is not None and new is current:
+                return Reply(body, new.version, status)  # nothing changed: nothing to write
             version = new.version if new is not None else (current.version + 1 if current else 0)
             record = IdempotencyRecord(body_hash, body, version) if call.idem_key else None
             if current is None and new is not None:
@@ -316,6 +380,9 @@ class SessionService:
                     idem_key=call.idem_key,
                     record=record,
                     idem_ttl_ms=GENERATED_KEY_TTL_MS if call.idem_key_generated else self._settings.idempotency_ttl * 1000,
+                    live=change.live,
+                    messages=change.messages,
+                    history_limit=self._settings.message_history_limit,
                 )
             if outcome.status == "OK":
                 if new is None:
@@ -324,7 +391,7 @@ class SessionService:
                         await self._store.index_remove(current)
                 else:
                     self._cache.put(new)
-                await self._publish_event(call, current, new, version)
+                await self._publish_events(call, current, new, version, change.events)
                 return Reply(body, new.version if new else None, status)
             if outcome.status == "DUP":
                 return self._replay_record(call, body_hash, decode_record(outcome.detail or b""))
@@ -336,11 +403,20 @@ class SessionService:
             self._cache.evict(call.session_id)
         raise NotOwnerError("session changed under this worker; retry")
 
-    async def _publish_event(self, call: Call, current: Session | None, new: Session | None, version: int) -> None:
+    async def _publish_events(
+        self, call: Call, current: Session | None, new: Session | None, version: int, events: Sequence[tuple[str, Any]] | None
+    ) -> None:
         if self._events is None:
             return
         subject = new or current
         assert subject is not None
+        if events is not None:
+            for event_type, data in events:
+                await self._events.publish(
+                    event_type, session_id=subject.session_id, user_id=subject.user_id, version=version, data=data,
+                    webhooks=subject.config.webhooks,
+                )
+            return
         if call.op == subjects.OP_CREATE:
             event_type, data = "created", None
         elif call.op == subjects.OP_UPDATE:
@@ -349,7 +425,9 @@ class SessionService:
             event_type, data = "terminated", None
         else:
             event_type, data = "request.applied", {"action": call.op, "request_id": call.request_id}
-        await self._events.publish(event_type, session_id=subject.session_id, user_id=subject.user_id, version=version, data=data)
+        await self._events.publish(
+            event_type, session_id=subject.session_id, user_id=subject.user_id, version=version, data=data, webhooks=subject.config.webhooks
+        )
 
     async def _replay(self, call: Call, body_hash: str) -> Reply | None:
         if not call.idem_key:
@@ -361,4 +439,4 @@ class SessionService:
         if record.body_hash != body_hash:
             raise IdempotencyConflictError(f"Idempotency-Key {call.idem_key!r} was first used with a different request")
         status = 204 if not record.reply else (201 if call.op == subjects.OP_CREATE else 200)
-        return Reply(record.reply, record.version, status)
+        return Reply(record.reply, record.version, status, replayed=True)

@@ -64,6 +64,9 @@ class ShardOwnership:
         self._in_flight: Counter[int] = Counter()
         self._idle_waiters: dict[int, asyncio.Event] = {}
         self.moves = 0
+        # Set by the worker: what else lives and dies with a shard (its WhatsApp connections).
+        self.on_taken: Callable[[int], None] | None = None
+        self.on_released: Callable[[int], Awaitable[None]] | None = None
 
     # ---- the Ownership protocol used by SessionService ------------------------------------
 
@@ -167,6 +170,8 @@ class ShardOwnership:
         self._owned[shard] = OwnedShard(epoch, sub)
         self.moves += 1
         log.info("shard_taken", shard=shard, epoch=epoch, previous=previous)
+        if self.on_taken is not None:
+            self.on_taken(shard)
 
     async def _ask_release(self, previous: str, shard: int, epoch: int) -> None:
         payload = json_encoder.encode(ReleaseShard(shard=shard, epoch=epoch))
@@ -184,6 +189,8 @@ class ShardOwnership:
         await self._unsubscribe(owned.subscription)  # stop intake first
         await self._wait_idle(shard)  # then let in-flight requests finish
         if shard not in self._owned:  # not re-taken meanwhile
+            if self.on_released is not None:
+                await self.on_released(shard)  # the devices stop before the new owner reconnects them
             self._drop_sessions(shard)
         self.moves += 1
         log.info("shard_released", shard=shard, epoch=owned.epoch)

@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextvars
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
@@ -22,7 +23,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from sessionmgr.common.hashing import shard_for
-from sessionmgr.common.models import Session, json_encoder, session_decoder
+from sessionmgr.common.models import ChatMessage, Session, json_encoder, session_decoder
 
 _WRITE_SCRIPT = """
 local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -34,16 +35,59 @@ end
 local current = tonumber(redis.call('HGET', KEYS[2], 'v') or '-1')
 if current ~= tonumber(ARGV[2]) then return {'VERSION', tostring(current)} end
 if ARGV[3] == '0' then
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[2], KEYS[6], KEYS[7], KEYS[8])
   redis.call('SREM', KEYS[4], ARGV[8])
+  redis.call('SREM', KEYS[9], ARGV[8])
   redis.call('ZREM', KEYS[5], ARGV[10])
 else
   redis.call('HSET', KEYS[2], 'v', ARGV[3], 'd', ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('SADD', KEYS[4], ARGV[8])
   redis.call('ZADD', KEYS[5], ARGV[9], ARGV[10])
+  if ARGV[11] == '1' then redis.call('SADD', KEYS[9], ARGV[8]) elseif ARGV[11] == '0' then redis.call('SREM', KEYS[9], ARGV[8]) end
+  -- New or changed messages: id, seq, json triples; the history keeps the newest ARGV[12].
+  if #ARGV > 12 then
+    for i = 13, #ARGV, 3 do
+      redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 2])
+      redis.call('ZADD', KEYS[7], ARGV[i + 1], ARGV[i])
+    end
+    local extra = redis.call('ZCARD', KEYS[7]) - tonumber(ARGV[12])
+    if extra > 0 then
+      local old = redis.call('ZRANGE', KEYS[7], 0, extra - 1)
+      redis.call('HDEL', KEYS[6], unpack(old))
+      redis.call('ZREMRANGEBYRANK', KEYS[7], 0, extra - 1)
+    end
+  end
+  -- Messages and auth state live and die with their session.
+  redis.call('PEXPIRE', KEYS[6], ARGV[5])
+  redis.call('PEXPIRE', KEYS[7], ARGV[5])
+  redis.call('PEXPIRE', KEYS[8], ARGV[5])
 end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], ARGV[6], 'PX', ARGV[7]) end
+return {'OK'}
+"""
+
+# A message's delivery status moves on (acks) without a new session version; fenced like every write.
+_MESSAGE_STATUS_SCRIPT = """
+local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) < fence then return -1 end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+# The engine's auth state (credentials of the linked device): versioned, fenced, written through.
+_AUTH_SCRIPT = """
+local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) < fence then return {'FENCED', tostring(fence)} end
+local current = tonumber(redis.call('HGET', KEYS[2], 'v') or '0')
+if current ~= tonumber(ARGV[2]) then return {'VERSION', tostring(current)} end
+if ARGV[4] == '' then
+  redis.call('DEL', KEYS[2])
+else
+  redis.call('HSET', KEYS[2], 'v', ARGV[3], 'd', ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
 return {'OK'}
 """
 
@@ -53,6 +97,7 @@ local fence = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) < fence then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SREM', KEYS[4], ARGV[3])
+redis.call('SREM', KEYS[5], ARGV[3])
 return redis.call('ZREM', KEYS[3], ARGV[2])
 """
 
@@ -90,6 +135,23 @@ def expiry_index_key(shard: int) -> str:
 def expiry_member(session_id: str, user_id: str) -> str:
     # The user travels with the candidate: once the data has expired nothing else knows it.
     return f"{session_id}|{user_id}"
+
+
+def messages_key(shard: int, session_id: str) -> str:
+    return f"sm:{{{shard}}}:m:{session_id}"
+
+
+def message_order_key(shard: int, session_id: str) -> str:
+    return f"sm:{{{shard}}}:mo:{session_id}"
+
+
+def auth_key(shard: int, session_id: str) -> str:
+    return f"sm:{{{shard}}}:auth:{session_id}"
+
+
+def live_index_key(shard: int) -> str:
+    """Sessions whose WhatsApp connection should be up: a new owner reconnects exactly these."""
+    return f"sm:{{{shard}}}:live"
 
 
 def user_index_key(user_id: str) -> str:
@@ -233,6 +295,9 @@ class SessionStore:
         self._writes = _WriteBatcher(redis, self._write)
         self._acquire = redis.register_script(_ACQUIRE_SCRIPT)
         self._expire = redis.register_script(_EXPIRE_SCRIPT)
+        self._message_status = redis.register_script(_MESSAGE_STATUS_SCRIPT)
+        self._auth = redis.register_script(_AUTH_SCRIPT)
+        self._message_decoder = msgspec.json.Decoder(ChatMessage)
 
     def shard_of(self, session_id: str) -> int:
         return shard_for(session_id, self._shard_count)
@@ -271,11 +336,31 @@ class SessionStore:
         idem_key: str | None,
         record: IdempotencyRecord | None,
         idem_ttl_ms: int,
+        live: bool | None = None,
+        messages: Sequence[ChatMessage] = (),
+        history_limit: int = 200,
     ) -> WriteOutcome:
-        """Persist ``session`` (or delete it when ``None``) if our epoch and its version still hold."""
+        """Persist ``session`` (or delete it when ``None``) if our epoch and its version still hold.
+
+        ``live`` adds the session to (True) or removes it from (False) the shard's live-connection
+        index; ``messages`` are new or changed history entries, written in the same script.
+        """
         idem = idempotency_key(shard, session_id, idem_key) if idem_key else idempotency_key(shard, session_id, "-")
+        extra: list[Any] = []
+        for message in messages:
+            extra += [message.id, message.seq, json_encoder.encode(message)]
         result = await self._writes.submit(
-            [epoch_key(shard), session_key(shard, session_id), idem, shard_index_key(shard), expiry_index_key(shard)],
+            [
+                epoch_key(shard),
+                session_key(shard, session_id),
+                idem,
+                shard_index_key(shard),
+                expiry_index_key(shard),
+                messages_key(shard, session_id),
+                message_order_key(shard, session_id),
+                auth_key(shard, session_id),
+                live_index_key(shard),
+            ],
             [
                 epoch,
                 expected_version,
@@ -287,7 +372,51 @@ class SessionStore:
                 session_id,
                 0 if session is None else int(session.expires_at.timestamp() * 1000),
                 expiry_member(session_id, user_id),
+                "" if live is None else ("1" if live else "0"),
+                history_limit,
+                *extra,
             ],
+        )
+        status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
+        return WriteOutcome(status, result[1] if len(result) > 1 else None)
+
+    # ---- WhatsApp: message history, live connections, engine auth state -------------------
+
+    async def live_session_ids(self, shard: int) -> list[str]:
+        return sorted(m.decode() for m in await self._redis.smembers(live_index_key(shard)))
+
+    async def messages(self, session_id: str) -> list[ChatMessage]:
+        """The whole (bounded) history, oldest first."""
+        shard = self.shard_of(session_id)
+        ids = await self._redis.zrange(message_order_key(shard, session_id), 0, -1)
+        if not ids:
+            return []
+        raws = await self._redis.hmget(messages_key(shard, session_id), ids)
+        return [self._message_decoder.decode(raw) for raw in raws if raw is not None]
+
+    async def message(self, session_id: str, message_id: str) -> ChatMessage | None:
+        raw = await self._redis.hget(messages_key(self.shard_of(session_id), session_id), message_id)
+        return None if raw is None else self._message_decoder.decode(raw)
+
+    async def update_message(self, *, shard: int, epoch: int, session_id: str, message: ChatMessage) -> bool | None:
+        """Rewrite one history entry in place; None when fenced, False when it left the history."""
+        result = int(
+            await self._message_status(
+                keys=[epoch_key(shard), messages_key(shard, session_id)], args=[epoch, message.id, json_encoder.encode(message)]
+            )
+        )
+        return None if result < 0 else result == 1
+
+    async def load_auth(self, session_id: str) -> tuple[int, bytes | None]:
+        """(version, state) of the engine's auth state; (0, None) when there is none."""
+        raw = await self._redis.hmget(auth_key(self.shard_of(session_id), session_id), ["v", "d"])
+        return (0, None) if raw[0] is None else (int(raw[0]), raw[1])
+
+    async def save_auth(self, *, shard: int, epoch: int, session_id: str, expected_version: int, state: bytes | None, ttl_ms: int) -> WriteOutcome:
+        """Write (or delete, when ``state`` is None) the auth state if our epoch and its version hold."""
+        result = await self._auth(
+            keys=[epoch_key(shard), auth_key(shard, session_id)],
+            args=[epoch, expected_version, expected_version + 1, state or b"", ttl_ms],
         )
         status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
         return WriteOutcome(status, result[1] if len(result) > 1 else None)
@@ -300,7 +429,7 @@ class SessionStore:
     async def confirm_expired(self, shard: int, epoch: int, session_id: str, user_id: str) -> bool:
         """True exactly once per expired session (its data is gone and we still own the shard)."""
         result = await self._expire(
-            keys=[epoch_key(shard), session_key(shard, session_id), expiry_index_key(shard), shard_index_key(shard)],
+            keys=[epoch_key(shard), session_key(shard, session_id), expiry_index_key(shard), shard_index_key(shard), live_index_key(shard)],
             args=[epoch, expiry_member(session_id, user_id), session_id],
         )
         return int(result) == 1
