@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from sessionmgr.common.models import SessionEvent
+
 WEBHOOKS_STREAM = "SM_WEBHOOKS"
 DEAD_LETTER_STREAM = "SM_WEBHOOKS_DLQ"
 DELIVER_PREFIX = "sm.webhooks.deliver"
@@ -75,7 +77,7 @@ class DeadLetterView(msgspec.Struct, kw_only=True):
     last_error: str
     enqueued_at: datetime
     failed_at: datetime
-    event: msgspec.Raw
+    event: SessionEvent
 
 
 class DeadLetterQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

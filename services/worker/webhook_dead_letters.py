@@ -13,8 +13,6 @@ Any worker answers ``sm.webhooks.admin.dead-letters`` and ``sm.webhooks.admin.re
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import msgspec
 import structlog
 from nats.aio.client import Client as NATS
@@ -26,6 +24,7 @@ from nats.js.errors import NotFoundError
 
 from sessionmgr.common import bus
 from sessionmgr.common.errors import InternalError, SessionManagerError, ValidationFailedError, error_headers
+from sessionmgr.common.models import event_decoder
 from sessionmgr.common.webhook_models import (
     ADMIN_DEAD_LETTERS,
     ADMIN_QUEUE,
@@ -105,7 +104,7 @@ def view_of(seq: int, dead: DeadLetter) -> DeadLetterView:
         last_error=dead.last_error,
         enqueued_at=d.enqueued_at,
         failed_at=dead.failed_at,
-        event=d.event,
+        event=event_decoder.decode(d.event),
     )
 
 
@@ -250,11 +249,10 @@ def _decode_request(decoder: msgspec.json.Decoder, data: bytes):  # type: ignore
 
 def _decode(data: bytes | None, seq: int) -> DeadLetter | None:
     try:
-        return dead_letter_decoder.decode(data or b"")
+        dead = dead_letter_decoder.decode(data or b"")
+        event_decoder.decode(dead.delivery.event)
+        return dead
     except msgspec.DecodeError:
         log.warning("webhook_dead_letter_unreadable", seq=seq)
         return None
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
