@@ -39,7 +39,7 @@ from sessionmgr.common.redis_client import create_redis
 from sessionmgr.common.models import Heartbeat, ReleaseShard, ShardMap, WorkerBye, json_encoder, shard_map_decoder
 from sessionmgr.common.settings import Settings
 from sessionmgr.common.streams import ensure_streams, request_status_bucket
-from sessionmgr.common.tracing import extract_trace_context, log_ids
+from sessionmgr.common.tracing import consumer_span, log_ids
 from sessionmgr.worker.actions import registry
 from sessionmgr.worker.cache import SessionCache
 from sessionmgr.worker.keyed_lock import KeyedLock
@@ -216,9 +216,10 @@ class Worker:
         try:
             request_id = headers.get(bus.HEADER_REQUEST_ID) or msg.reply.rsplit(".", 1)[-1][:24] or "-"
             structlog.contextvars.bind_contextvars(session_id=session_id, request_id=request_id, op=op)
-            with tracer.start_as_current_span(
-                f"sm.shard {op}", context=extract_trace_context(headers), kind=trace.SpanKind.CONSUMER,
-                attributes={"messaging.system": "nats", "session.id": session_id, "sm.op": op, "sm.worker_id": self.worker_id},
+            # Inside an unsampled trace (the default) no real span is made: see consumer_span.
+            with consumer_span(
+                tracer, f"sm.shard {op}", headers,
+                {"messaging.system": "nats", "session.id": session_id, "sm.op": op, "sm.worker_id": self.worker_id},
             ) as span:
                 trace_ids = log_ids(span)  # for request_handled, logged after the span has ended
                 try:
