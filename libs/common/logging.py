@@ -19,9 +19,11 @@ from sessionmgr.common.settings import Settings
 
 
 def _add_trace_ids(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    if "trace_id" in event_dict:  # the canonical lines bring their own (their span has ended by then)
+        return event_dict
     ctx = trace.get_current_span().get_span_context()
     if ctx.is_valid:
-        event_dict.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event_dict["trace_id"] = format(ctx.trace_id, "032x")
         event_dict.setdefault("span_id", format(ctx.span_id, "016x"))
     return event_dict
 

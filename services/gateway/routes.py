@@ -36,7 +36,7 @@ from sessionmgr.common.models import (
     json_encoder,
 )
 from sessionmgr.gateway.auth import Principal
-from sessionmgr.gateway.guards import authenticate_and_limit
+from sessionmgr.gateway.guards import authenticate_before_request
 from sessionmgr.gateway.state import GatewayState
 
 JSON = "application/json"
@@ -135,7 +135,7 @@ async def _forward(request: Request, session_id: str, op: str, payload: bytes, h
 class SessionController(Controller):
     path = "/sessions"
     tags = ["sessions"]
-    guards = [authenticate_and_limit]  # 401 and 429 before any body is read
+    before_request = authenticate_before_request  # 401 and 429 before any body is read (cheaper than a guard)
 
     @post(
         "/",

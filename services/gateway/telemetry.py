@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
@@ -31,6 +32,7 @@ log = structlog.get_logger("sessionmgr.gateway.requests")
 
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
+_NO_PARENT = otel_context.Context()  # what extracting from a request without trace headers gives
 
 
 class RequestContext:
@@ -89,7 +91,16 @@ def _error_code(body: bytes, status: int) -> str:
     return code or f"http_{status}"
 
 
-def instrument_http(app: ASGIApp, *, metrics: GatewayMetrics, tracer: Tracer) -> ASGIApp:
+def instrument_http(
+    app: ASGIApp, *, metrics: GatewayMetrics, tracer: Tracer, response_headers: dict[str, str] | None = None
+) -> ASGIApp:
+    """``response_headers`` are added to every response that does not set them itself.
+
+    Here rather than in a Litestar ``before_send`` hook: that hook wraps ``send`` a second time
+    for every request, and this wrapper already sees every response (router 404/405s included).
+    """
+    extra_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (response_headers or {}).items()]
+
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
@@ -104,10 +115,10 @@ def instrument_http(app: ASGIApp, *, metrics: GatewayMetrics, tracer: Tracer) ->
         error_code: str | None = None
         span = None
         if not quiet:
-            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", []) if k in _TRACE_HEADERS}
+            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ()) if k in _TRACE_HEADERS}
             span = tracer.start_span(
                 method,  # renamed "<method> <route>" once routing has found the route
-                context=propagate.extract(carrier),
+                context=propagate.extract(carrier) if carrier else _NO_PARENT,
                 kind=SpanKind.SERVER,
                 attributes={"http.request.method": method, "url.path": path},
             )
@@ -116,7 +127,10 @@ def instrument_http(app: ASGIApp, *, metrics: GatewayMetrics, tracer: Tracer) ->
             nonlocal status, error_code
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = list(message.get("headers", []))
+                headers = list(message.get("headers", ()))
+                if extra_headers:
+                    present = {name.lower() for name, _ in headers}
+                    headers.extend(pair for pair in extra_headers if pair[0] not in present)
                 headers.append((b"x-request-id", ctx.ensure_request_id().encode()))
                 message["headers"] = headers  # type: ignore[typeddict-unknown-key]
             elif message["type"] == "http.response.body" and status >= 400 and error_code is None:

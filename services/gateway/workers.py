@@ -97,27 +97,37 @@ class WorkerClient:
         started = time.perf_counter()
         known_op = True
         try:
-            with self._tracer.start_as_current_span(
-                f"sm {op} publish",
-                kind=trace.SpanKind.PRODUCER,
-                attributes={"messaging.system": "nats", "messaging.destination.name": subject, "sm.op": op},
-            ):
-                inject_trace_headers(headers)
-                return await bus.request(
-                    self.nc,
-                    subject,
-                    payload,
-                    headers,
-                    deadline=deadline,
-                    attempt_timeout=self._settings.request_attempt_timeout,
-                    on_no_responders=self._hint_unreachable,
-                    on_retry=self._metrics.count_retry,
-                )
+            parent = trace.get_current_span()
+            if parent.is_recording() or not parent.get_span_context().is_valid:
+                with self._tracer.start_as_current_span(
+                    f"sm {op} publish",
+                    kind=trace.SpanKind.PRODUCER,
+                    attributes={"messaging.system": "nats", "messaging.destination.name": subject, "sm.op": op},
+                ):
+                    inject_trace_headers(headers)
+                    return await self._request(subject, payload, headers, deadline)
+            # Inside an unsampled trace the producer span would not be recorded either (parent-based
+            # sampling): skip making it and send the server span's context, trace ID and all.
+            inject_trace_headers(headers)
+            return await self._request(subject, payload, headers, deadline)
         except UnknownActionError:
             known_op = False  # a client's made-up action name never becomes a label value
             raise
         finally:
             self._metrics.observe_nats(op, time.perf_counter() - started, known_op=known_op)
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str], deadline: float) -> Msg:
+        assert self.nc is not None
+        return await bus.request(
+            self.nc,
+            subject,
+            payload,
+            headers,
+            deadline=deadline,
+            attempt_timeout=self._settings.request_attempt_timeout,
+            on_no_responders=self._hint_unreachable,
+            on_retry=self._metrics.count_retry,
+        )
 
     async def _hint_unreachable(self, subject: str) -> None:
         """Tell the supervisor a shard has no subscriber; it probes the owner (at most every 100 ms)."""
