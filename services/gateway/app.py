@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar
-from litestar.types import Message, Scope
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
@@ -35,18 +34,6 @@ SECURITY_HEADERS = {
 }
 
 
-_SECURITY_HEADER_PAIRS = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
-
-
-async def add_security_headers(message: Message, scope: Scope) -> None:
-    """A before_send hook: it sees every response, router 404/405s and errors included."""
-    if message["type"] == "http.response.start":
-        headers = list(message.get("headers", []))
-        present = {name.lower() for name, _ in headers}
-        headers.extend((k, v) for k, v in _SECURITY_HEADER_PAIRS if k not in present)
-        message["headers"] = headers  # type: ignore[typeddict-unknown-key]
-
-
 def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> Litestar:
     """``tracer_provider``: the global one unless given (tests pass their own exporting provider)."""
     metrics = GatewayMetrics()
@@ -72,7 +59,6 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         route_handlers=[SessionController, *webhook_route_handlers(), healthz, readyz, metrics_route(metrics)],
         lifespan=[connect_bus],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        before_send=[add_security_headers],
         cors_config=cors_config(settings),  # None (off) unless CORS_ALLOW_ORIGINS is set
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
@@ -84,6 +70,7 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         state=State({"gateway": state}),
         debug=False,
     )
-    # Around the whole handler, router included, so unmatched routes (404/405) are measured too.
-    app.asgi_handler = instrument_http(app.asgi_handler, metrics=metrics, tracer=tracer)
+    # Around the whole handler, router included, so unmatched routes (404/405) are measured too
+    # and every response, errors included, gets the security headers.
+    app.asgi_handler = instrument_http(app.asgi_handler, metrics=metrics, tracer=tracer, response_headers=SECURITY_HEADERS)
     return app
