@@ -24,7 +24,7 @@ from sessionmgr.common.webhook_models import (
     RedriveRequest,
     webhook_json,
 )
-from sessionmgr.gateway.guards import authenticate_and_limit
+from sessionmgr.gateway.guards import authenticate_before_request
 from sessionmgr.gateway.openapi_errors import document_errors
 from sessionmgr.gateway.state import GatewayState
 
@@ -61,7 +61,7 @@ def _json(msg_data: bytes) -> Response[bytes]:
 class WebhookController(Controller):
     path = "/webhooks"
     tags = ["webhooks"]
-    guards = [authenticate_and_limit]
+    before_request = authenticate_before_request  # 401 and 429 before any body is read
 
     @get(
         "/dead-letters",
