@@ -160,6 +160,38 @@ class ConnectionManager:
         except Exception:  # noqa: BLE001 - a failing engine is still gone from here on
             log.warning("engine_stop_failed", session_id=session_id, exc_info=True)
 
+    async def forget(self, session_id: str) -> None:
+        """The session was deleted or expired: unlink its device (its auth state is gone with it)."""
+        await self.close(session_id, logout=True)
+
+    async def keep_alive(self) -> None:
+        """A connected session is in use even when nobody calls the API: renew its TTL in time.
+
+        Runs until cancelled; each renewal is an ordinary fenced write (no event).
+        """
+        ttl = self._settings.session_ttl
+        interval = max(0.5, min(ttl / 4, 60.0))
+        while True:
+            await asyncio.sleep(interval)
+            horizon = datetime.now(UTC).timestamp() + ttl / 2
+            for session_id in list(self._live):
+                try:
+                    async with self._locks.hold(session_id):
+                        session = await self._service.current(session_id)
+                        if session is None or session.expires_at.timestamp() > horizon or session_id not in self._live:
+                            continue
+
+                        def compute(current: Session | None) -> Change:
+                            if current is None:
+                                raise SessionNotFoundError(f"no session {session_id!r}")
+                            return Change(self._service.next_version(current), b"", events=[])
+
+                        await self._service.mutate(self._internal_call(session_id, "engine.keepalive"), compute)
+                except (NotOwnerError, SessionNotFoundError, *_STORAGE_ERRORS):
+                    continue
+                except Exception:  # noqa: BLE001 - one session's failure must not stop the renewals
+                    log.warning("keepalive_failed", session_id=session_id, exc_info=True)
+
     async def close_all(self) -> None:
         await asyncio.gather(*(self.close(sid) for sid in list(self._live)))
         for task in list(self._tasks):

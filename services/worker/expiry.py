@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -27,6 +28,7 @@ class ExpirySweeper:
         self._cache = cache
         self._events = events
         self._interval = interval
+        self.on_expired: Callable[[str], Awaitable[None]] | None = None
 
     async def run(self) -> None:
         while True:
@@ -50,6 +52,8 @@ class ExpirySweeper:
                     continue
                 cached = self._cache.get(session_id)
                 self._cache.evict(session_id)
+                if self.on_expired is not None:
+                    await self.on_expired(session_id)
                 await self._events.publish("expired", session_id=session_id, user_id=user_id, version=cached.version if cached else 0)
                 expired += 1
         if expired:

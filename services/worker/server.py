@@ -144,6 +144,7 @@ class Worker:
             self.service.extend(WhatsAppActions(service=self.service, connections=self.connections, settings=self.settings))
             self.shards.on_taken = self.connections.restore_shard
             self.shards.on_released = self.connections.release_shard
+            self.service.on_deleted = self.connections.forget
             stack.push_async_callback(self.connections.close_all)
             self.degraded = DegradedMode(
                 js=js,
@@ -157,6 +158,7 @@ class Worker:
                 on_queue_depth=self.metrics.degraded_queue_depth.set,
             )
             sweeper = ExpirySweeper(store=store, shards=self.shards, cache=self._cache, events=events, interval=self.settings.expiry_sweep_interval)
+            sweeper.on_expired = self.connections.forget
             await self.nc.subscribe(subjects.QUERY_LIST, queue=subjects.QUERY_QUEUE, cb=self._on_list)
             await self.nc.subscribe(subjects.release_subject(self.worker_id), cb=self._on_release)
             await self.nc.subscribe(subjects.ping_subject(self.worker_id), cb=self._on_ping)
@@ -169,6 +171,7 @@ class Worker:
                         group.create_task(self.degraded.run()),
                         group.create_task(sweeper.run()),
                         group.create_task(webhooks.run()),
+                        group.create_task(self.connections.keep_alive()),
                     ]
                     await stop.wait()
                     await self._drain()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from contextlib import AbstractContextManager, nullcontext
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -152,6 +152,8 @@ class SessionService:
         self._store = store
         self._config_check = config_check
         self._extension: ActionExtension | None = None
+        # Called (under the session's lock) once a session is gone: its WhatsApp device goes too.
+        self.on_deleted: Callable[[str], Awaitable[None]] | None = None
         self._events = events
         self._cache = cache
         self._ownership = ownership
@@ -389,6 +391,8 @@ class SessionService:
                     self._cache.evict(call.session_id)
                     if current is not None:
                         await self._store.index_remove(current)
+                    if self.on_deleted is not None:
+                        await self.on_deleted(call.session_id)
                 else:
                     self._cache.put(new)
                 await self._publish_events(call, current, new, version, change.events)

@@ -153,3 +153,40 @@ async def test_unknown_field(nc: NATS) -> None:
 async def test_invalid_session_id_is_refused(nc: NATS) -> None:
     assert_error(await cli(nc, "a%2Eb", "session.get"), "bad_request", 400)
     assert_error(await cli(nc, "x" * 65, "session.get"), "bad_request", 400)
+
+
+# ---- WhatsApp sessions over the CLI subjects (issue 7) --------------------------------------------
+
+
+async def _cli_status(nc: NATS, sid: str, wanted: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 10
+    while True:
+        connection = ok_json(await cli(nc, sid, "session.get"))["connection"]
+        if connection["status"] == wanted or time.monotonic() > deadline:
+            assert connection["status"] == wanted, connection
+            return connection  # type: ignore[no-any-return]
+        await asyncio.sleep(0.02)
+
+
+async def test_whatsapp_lifecycle_and_messages_over_cli_subjects(nc: NATS) -> None:
+    sid, other = f"wa-{secrets.token_hex(6)}", f"wa-{secrets.token_hex(6)}"
+    phone, other_phone = "4930" + str(secrets.randbelow(10**8)), "4940" + str(secrets.randbelow(10**8))
+    for session_id, number in ((sid, phone), (other, other_phone)):
+        ok_json(await cli(nc, session_id, "session.create", {"user_id": "cli-user", "config": {"bot": "echo" if session_id == other else None}}))
+        assert ok_json(await cli(nc, session_id, "connection.start"))["result"]["status"] == "STARTING"
+        await _cli_status(nc, session_id, "SCAN_QR_CODE")
+        assert ok_json(await cli(nc, session_id, "auth.qr"))["result"]["qr"].startswith("2@")
+        ok_json(await cli(nc, session_id, "simulate.scan", {"phone": number}))
+        await _cli_status(nc, session_id, "WORKING")
+
+    sent = ok_json(await cli(nc, sid, "message.send_text", {"chat_id": f"{other_phone}@c.us", "text": "hi from the CLI"}))["result"]
+    assert sent["status"] == "sent"
+    deadline = time.monotonic() + 10
+    while True:  # the echo bot on the other session answers
+        history = ok_json(await cli(nc, sid, "message.list", {"chat_id": f"{other_phone}@c.us"}))["result"]["messages"]
+        if any(not m["from_me"] and m["text"] == "hi from the CLI" for m in history):
+            break
+        assert time.monotonic() < deadline, history
+        await asyncio.sleep(0.02)
+    assert_error(await cli(nc, sid, "connection.start"), "invalid_connection_status", 409)
+    assert ok_json(await cli(nc, sid, "connection.logout"))["result"]["status"] == "STOPPED"
