@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
 from sessionmgr.common import procs
+from sessionmgr.common.models import SessionEvent, event_decoder
+from sessionmgr.common.streams import EVENTS_STREAM
+from sessionmgr.common.webhook_models import WEBHOOKS_STREAM
+from sessionmgr.worker.webhooks import CONSUMER
+
+SECRET = "whsec-test-0123456789abcdef"
 
 
 @dataclass(frozen=True)
@@ -102,3 +113,35 @@ class WebhookReceiver:
         finally:
             self._connections.discard(writer)
             writer.close()
+
+
+def signature_ok(received, secret: str = SECRET) -> bool:  # type: ignore[no-untyped-def]
+    timestamp = received.headers["x-webhook-timestamp"]
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + received.body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(received.headers.get("x-webhook-signature", ""), f"sha256={expected}")
+
+
+async def session_events(nc: NATS, sid: str, count: int) -> list[SessionEvent]:
+    """The session's first ``count`` events, from SM_EVENTS: what webhook deliveries to expect."""
+    sub = await nc.jetstream().pull_subscribe(f"sm.events.{sid}.>", stream=EVENTS_STREAM, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    events: list[SessionEvent] = []
+    try:
+        while len(events) < count:
+            for msg in await sub.fetch(count - len(events), timeout=5):
+                events.append(event_decoder.decode(msg.data))
+                await msg.ack()
+    finally:
+        await sub.unsubscribe()
+    return events
+
+
+async def wait_settled(nc: NATS, timeout: float = 15.0) -> None:
+    """No delivery pending or in flight in SM_WEBHOOKS (then the receiver has all it will get)."""
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await js.consumer_info(WEBHOOKS_STREAM, CONSUMER)
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        assert time.monotonic() < deadline, f"deliveries still pending: {info.num_pending} + {info.num_ack_pending} in flight"
+        await asyncio.sleep(0.05)
