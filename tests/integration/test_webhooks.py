@@ -129,3 +129,28 @@ async def test_4xx_is_dead_lettered_at_once_listed_and_redriven_and_429_is_retri
     reply = await nc.request(ADMIN_DEAD_LETTERS, b"{}", timeout=5)
     assert msgspec.json.decode(reply.data) == {"items": [], "next_after": None, "total": 0}
     await wait_settled(nc)
+
+
+async def test_session_webhook_with_its_own_secret_and_filter_next_to_a_global_one(make_cluster, receiver: WebhookReceiver, headers) -> None:  # type: ignore[no-untyped-def]
+    cluster, _, nc = await make_cluster(workers=1, webhook_url=receiver.url("/global"), webhook_events="created", **FAST)
+    own = {"url": receiver.url("/mine"), "events": ["request.*"], "secret": "session-own-secret"}
+    async with AsyncTestClient(app=create_app(cluster.settings), base_url="http://gateway.local") as api:
+        for bad in ({"url": "ftp://h.example/x"}, {"url": receiver.url(), "events": ["Not A Filter"]}):
+            r = await api.post("/sessions", json={"config": {"webhooks": [bad]}}, headers=headers)
+            assert r.status_code == 400 and r.json()["code"] == "validation_error", r.text
+        too_many = [{"url": f"https://h.example/{i}"} for i in range(17)]
+        assert (await api.post("/sessions", json={"config": {"webhooks": too_many}}, headers=headers)).status_code == 400
+
+        r = await api.post("/sessions", json={"config": {"webhooks": [own]}}, headers=headers)
+        assert r.status_code == 201, r.text
+        assert r.json()["config"]["webhooks"][0]["secret"] == "***"  # write-only
+        sid = r.json()["session_id"]
+        await _incr(api, sid, headers)
+    created, applied = await session_events(nc, sid, 2)
+    await receiver.wait_for(lambda rx: len(rx.accepted()) == 2)
+    await wait_settled(nc)
+    by_path = {r.path: r for r in receiver.received}
+    assert len(receiver.received) == 2 and set(by_path) == {"/global", "/mine"}
+    assert by_path["/global"].headers["x-webhook-id"] == created.id and signature_ok(by_path["/global"])
+    assert by_path["/mine"].headers["x-webhook-id"] == applied.id
+    assert signature_ok(by_path["/mine"], "session-own-secret") and not signature_ok(by_path["/mine"])
