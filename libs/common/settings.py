@@ -19,6 +19,8 @@ import msgspec
 DEV_JWT_SECRET = "dev-only-insecure-secret-change-me"
 Environment = Literal["development", "test", "production"]
 _WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A webhook event filter: *, an event type, or a prefix such as message.* (WEBHOOK_EVENTS, session webhooks).
+WEBHOOK_FILTER_RE = re.compile(r"^(\*|[a-z][a-z0-9_]{0,31}(\.[a-z][a-z0-9_]{0,31}){0,3}(\.\*)?)$")
 
 
 class SettingsError(ValueError):
@@ -288,6 +290,7 @@ def _check_whatsapp(s: Settings, check: Any) -> None:
     urls = s.webhook_urls
     check(len(urls) <= 16, "WEBHOOK_URL holds at most 16 comma-separated URLs")
     check(all(u.startswith(("https://", "http://")) and len(u) <= 2048 for u in urls), "WEBHOOK_URL is a comma-separated list of http(s) URLs")
+    check(all(WEBHOOK_FILTER_RE.fullmatch(e) for e in s.webhook_event_filter), "WEBHOOK_EVENTS is a comma-separated list of event types, prefixes such as message.*, or *")
     check(1 <= s.webhook_max_attempts <= 50, "WEBHOOK_MAX_ATTEMPTS must be between 1 and 50")
     check(0.01 <= s.webhook_retry_base_delay <= 3600, "WEBHOOK_RETRY_BASE_DELAY must be between 0.01 and 3600 seconds")
     check(s.webhook_retry_base_delay <= s.webhook_retry_max_delay <= 24 * 3600, "WEBHOOK_RETRY_MAX_DELAY must be at least WEBHOOK_RETRY_BASE_DELAY and at most a day")

@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import ipaddress
 import random
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,12 +26,12 @@ from urllib.parse import urlsplit
 
 from sessionmgr.common.errors import ValidationFailedError
 from sessionmgr.common.models import WebhookConfig
+from sessionmgr.common.settings import WEBHOOK_FILTER_RE
 
 MAX_WEBHOOKS_PER_SESSION = 16
 MAX_URL_LENGTH = 2048
 MAX_FILTERS = 32
 MAX_SECRET_LENGTH = 256
-_FILTER_RE = re.compile(r"^(\*|[a-z][a-z0-9_]{0,31}(\.[a-z][a-z0-9_]{0,31}){0,3}(\.\*)?)$")
 
 
 class EventFilter:
@@ -97,7 +96,7 @@ def validate_webhooks(hooks: Sequence[WebhookConfig], *, allow_private_networks:
         if not 1 <= len(hook.events) <= MAX_FILTERS:
             raise ValidationFailedError(f"{where}.events: 1 to {MAX_FILTERS} event types")
         for pattern in hook.events:
-            if not isinstance(pattern, str) or _FILTER_RE.fullmatch(pattern) is None:
+            if not isinstance(pattern, str) or WEBHOOK_FILTER_RE.fullmatch(pattern) is None:
                 raise ValidationFailedError(f"{where}.events: {str(pattern)[:64]!r} is not '*', an event type or a prefix such as 'message.*'")
         if hook.secret is not None and not 1 <= len(hook.secret) <= MAX_SECRET_LENGTH:
             raise ValidationFailedError(f"{where}.secret: 1 to {MAX_SECRET_LENGTH} characters")

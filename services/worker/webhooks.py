@@ -40,6 +40,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import BadRequestError as JsBadRequestError
 from nats.js.errors import NoStreamResponseError
 
 from sessionmgr.common.models import SessionEvent, WebhookConfig, json_encoder
@@ -123,7 +124,11 @@ class WebhookService:
             max_ack_pending=20_000,
             max_waiting=1024,
         )
-        await self._js.add_consumer(WEBHOOKS_STREAM, config=config)
+        try:
+            await self._js.add_consumer(WEBHOOKS_STREAM, config=config)
+        except JsBadRequestError as exc:
+            # Another worker made it with settings that cannot be changed in place: deliver with it.
+            log.warning("webhook_consumer_kept", error=str(exc))
 
     # ---- request path -----------------------------------------------------------------------
 

@@ -161,3 +161,13 @@ def test_operator_messages_are_bounded() -> None:
         redrive_request_decoder.decode(msgspec.json.encode({"ids": list(range(1, 1002))}))
     with pytest.raises(msgspec.ValidationError):
         redrive_request_decoder.decode(b'{"ids": [0]}')
+
+
+def test_webhook_events_setting_is_checked_at_start() -> None:
+    from sessionmgr.common.settings import SettingsError, load_settings
+
+    assert load_settings({"WEBHOOK_EVENTS": "created, message.*"}).webhook_event_filter == ["created", "message.*"]
+    with pytest.raises(SettingsError, match="WEBHOOK_EVENTS"):
+        load_settings({"WEBHOOK_EVENTS": "created,Message Ack"})
+    with pytest.raises(SettingsError, match="WEBHOOK_URL"):
+        load_settings({"WEBHOOK_URL": "ftp://h.example/x"})
