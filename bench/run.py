@@ -9,6 +9,7 @@ is also appended as a JSON line to bench/results/<timestamp>.jsonl.
     .venv/bin/python bench/run.py --quick
     .venv/bin/python bench/run.py --baseline --nats-direct
     .venv/bin/python bench/run.py --url http://127.0.0.1:3000 --jwt-secret "$JWT_SECRET"
+    .venv/bin/python bench/run.py --scaling        # 1/2/4 workers x 1/2 gateways, 1k -> 100k sessions
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from harness import HarnessError, run_children
 from httpload import HttpSpec, build_request, fetch_all, http_child
 from natsload import NatsSpec, nats_child
 from report import LoadOutcome, ResultsFile, ScenarioResult, print_table, summarize_latencies, with_other
+from scaling import run_scaling
+from send_text import prepare_working, send_requests
 from stacks import BaselineStack, StackError, SystemStack, Target, wait_http_ready, wait_shards_covered
 from wrkload import WrkError, run_wrk_load, wrk_binary
 
@@ -85,6 +88,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generator", default="auto", choices=("auto", "wrk", "python"), help="load generator: wrk if installed (auto), or the Python one")
     parser.add_argument("--gen-procs", type=int, default=1, help="processes of the Python load generator (default 1)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as a transport error (default 10)")
+    parser.add_argument(
+        "--send-text-sessions", type=int, default=100,
+        help="sessions brought to WORKING for the message.send_text row (default 100, 0 = no row); skipped with a note if the action is unknown",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scaling", action="store_true",
+        help="instead of the scenarios: the scaling table (context.incr with 1/2/4 workers x 1/2 gateways, then 1k/10k/100k sessions; --quick: up to 10k)",
+    )  # fmt: skip
     parser.add_argument("--keep-logs", action="store_true", help="keep the scratch directory with the services' logs and data, and print its path")
     args = parser.parse_args(argv)
     args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
@@ -103,6 +114,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         (1 <= args.workers <= 64, "--workers must be between 1 and 64"),
         (1 <= args.gateways <= 16, "--gateways must be between 1 and 16"),
         (1 <= args.gen_procs <= 64, "--gen-procs must be between 1 and 64"),
+        (0 <= args.send_text_sessions <= 10_000, "--send-text-sessions must be between 0 and 10000"),
+        (not (args.scaling and args.url), "--scaling starts its own systems; it cannot use --url"),
         (args.timeout > 0, "--timeout must be positive"),
         (not args.url or bool(args.jwt_secret), "--url needs --jwt-secret (the running system's JWT_SECRET)"),
         (not args.jwt_secret or len(args.jwt_secret) >= 32, "--jwt-secret must be at least 32 characters"),
@@ -310,6 +323,42 @@ def run_nats_direct(target: Target, pool: list[PoolEntry], ctx: Context) -> list
     return results
 
 
+def run_send_text(target: Target, pool: list[PoolEntry], ctx: Context) -> list[ScenarioResult]:
+    """The message.send_text row: needs WORKING connections, so it is prepared first (or skipped)."""
+    count = min(ctx.args.send_text_sessions, len(pool))
+    if count == 0:
+        return []
+    ctx.out.write(f"  {target.name}: connecting {count} sessions (connection.start, simulate.scan) for message.send_text ...")
+    ctx.out.flush()
+    prepared = prepare_working(target.addresses[0], pool, count, timeout_s=max(30.0, ctx.args.timeout))
+    ctx.out.write(f" {len(prepared.sessions)} WORKING\n")
+    if prepared.note:
+        ctx.out.write(f"  note: message.send_text: {prepared.note}\n")
+        ctx.results.write("note", {"target": target.name, "scenario": "send_text", "note": prepared.note})
+    if not prepared.sessions:
+        return []
+    label = "POST .../request message.send_text"
+    ctx.out.write(f"  {target.name}: {label} ({ctx.args.connections} conns, {ctx.args.duration:g} s) ...")
+    ctx.out.flush()
+    requests = send_requests(prepared.sessions, f"{target.host}:{target.ports[0]}")
+    outcome, cpu, extra = run_http(target, requests, ctx.args.connections, ctx.args.duration, ctx)
+    ctx.out.write(f" {outcome.rps:,.0f} req/s\n")
+    result = ScenarioResult(
+        target=target.name,
+        scenario="send_text",
+        label=label,
+        connections=ctx.args.connections,
+        generator=ctx.generator,
+        outcome=outcome,
+        cpu_s=with_other(cpu, outcome.loadgen_cpu_s),
+        processes={role: len(pids) for role, pids in target.roles.items()},
+        extra={**extra, "working_sessions": len(prepared.sessions)},
+    )
+    ctx.results.write_scenario(result)
+    print_table(f"{target.name}: message.send_text over {len(prepared.sessions)} WORKING sessions", [result], ctx.out)
+    return [result]
+
+
 # ---- reports ----------------------------------------------------------------------------------------
 
 
@@ -375,7 +424,7 @@ def _git_commit() -> str | None:
 def run_settings(args: argparse.Namespace, generator: str) -> dict[str, Any]:
     keys = (
         "quick", "duration", "warmup", "connections", "sessions", "workers", "gateways", "log_level",
-        "url", "nats_url", "baseline", "nats_direct", "gen_procs", "timeout",
+        "url", "nats_url", "baseline", "nats_direct", "gen_procs", "timeout", "send_text_sessions", "scaling",
     )  # fmt: skip
     return {
         **{key: getattr(args, key) for key in keys},
@@ -414,8 +463,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         f"{args.sessions} sessions, {args.workers} worker(s), {args.gateways} gateway(s), LOG_LEVEL={args.log_level}, {os.cpu_count()} CPUs\n"
     )
     started = time.monotonic()
-    workdir = Path(tempfile.mkdtemp(prefix="sm-bench-"))
     secret = args.jwt_secret or f"bench-{secrets.token_hex(24)}"
+    if args.scaling:
+        rows = run_scaling(args, secret, ctx.results, out)
+        out.write(f"total {time.monotonic() - started:.0f} s\nresults appended to {ctx.results.path}\n")
+        return EXIT_OK if all(row.rps > 0 for row in rows) else EXIT_FAILED
+    workdir = Path(tempfile.mkdtemp(prefix="sm-bench-"))
     system = SystemStack(workdir, workers=args.workers, gateways=args.gateways, log_level=args.log_level, jwt_secret=secret)
     baseline = BaselineStack(workdir, jwt_secret=secret)
     all_results: list[ScenarioResult] = []
@@ -424,6 +477,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"system ready: gateway(s) on port(s) {', '.join(map(str, target.ports))}, all shards covered\n")
         system_results, pool = bench_target(target, secret, ctx)
         all_results += system_results
+        all_results += run_send_text(target, pool, ctx)
         if args.nats_direct:
             nats_results = run_nats_direct(target, pool, ctx)
             all_results += nats_results
