@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 USER ?= alice
 
-.PHONY: run test test-fast token bench bench-quick bench-failover bench-outage admin clean
+.PHONY: run test test-fast token bench bench-quick bench-scaling bench-failover bench-outage admin clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,17 @@ test-fast: $(STAMP)
 token: $(STAMP)
 	@$(PY) -m sessionmgr.common.devtoken $(USER) $(if $(SCOPE),--scope '$(SCOPE)')
 
-## Load the running system (or start one) and print requests/s and latency percentiles.
+## Start a system, load it and print requests/s, latency percentiles and CPU per process: the REST
+## scenarios, message.send_text, the single-process baseline and the direct NATS path, in one run.
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/run.py --baseline --nats-direct
 
 bench-quick: $(STAMP)
-	$(PY) bench/run.py --quick
+	$(PY) bench/run.py --quick --baseline --nats-direct
+
+## context.incr with 1/2/4 workers x 1/2 gateways, then 1k/10k/100k sessions (a fresh system per row).
+bench-scaling: $(STAMP)
+	$(PY) bench/run.py --scaling
 
 ## Kill a worker under load, 10 times, and print recovery time, failures and lost writes.
 bench-failover: $(STAMP)
