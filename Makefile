@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 USER ?= alice
 
-.PHONY: run test test-fast token bench bench-quick bench-scaling bench-failover bench-outage admin clean
+.PHONY: run test test-fast token bench bench-quick bench-scaling bench-failover bench-outage bench-whatsapp admin clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench-failover: $(STAMP)
 ## Stop Redis for 10 s under load: queued, applied, lost (must be 0), drain time, error rates.
 bench-outage: $(STAMP)
 	$(PY) bench/outage.py
+
+## 10,000 simulated WhatsApp sessions paired in one worker: RSS per idle WORKING session, and
+## message.send_text req/s over NATS and the gateway. ARGS="--quick" for 1,000 sessions.
+bench-whatsapp: $(STAMP)
+	$(PY) bench/whatsapp.py $(ARGS)
 
 ## Operator CLI against the running system: make admin ARGS="workers"
 admin: $(STAMP)
