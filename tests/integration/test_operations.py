@@ -96,7 +96,8 @@ async def test_no_worker_means_503_with_retry_after_within_the_deadline(make_clu
         assert ready.status_code == 503 and "heartbeat" in ready.json()["detail"]
 
         # A worker coming back serves the session again: nothing was lost.
-        cluster.start_worker()
-        await watch.wait_covered(cluster.settings.shard_count)
+        # Wait for the new worker by name: the dead one's last heartbeat still counts for a moment.
+        newcomer = cluster.start_worker()
+        await watch.wait_covered(cluster.settings.shard_count, {newcomer})
         again = await api.get(f"/sessions/{sid}", headers=headers)
-        assert again.status_code == 200 and again.json()["session_id"] == sid
+        assert again.status_code == 200 and again.json()["session_id"] == sid, again.text
