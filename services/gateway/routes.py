@@ -242,7 +242,6 @@ class SessionController(Controller):
         body, reply_headers = await _forward(request, session_id, data.action, msgspec.json.encode(data.payload), headers)
         return _reply(body, reply_headers, session_id=session_id)
 
-
     @get(
         "/{session_id:str}/qr",
         summary="The QR code to link WhatsApp (PNG, or JSON with Accept: application/json)",
