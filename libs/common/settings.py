@@ -98,7 +98,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_url: str = ""
     webhook_events: str = "*"
     webhook_secret: str | None = None
-    webhook_max_attempts: int = 6
+    webhook_max_attempts: int = 12
     webhook_retry_base_delay: float = 1.0
     webhook_retry_max_delay: float = 300.0
     webhook_timeout: float = 10.0

@@ -13,6 +13,7 @@ status), so a new owner reconnects exactly those, from their stored auth state, 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import random
 import secrets
@@ -77,7 +78,7 @@ class LiveConnection:
     session_id: str
     shard: int
     engine: Engine = field(init=False)
-    events: deque[EngineEvent] = field(default_factory=deque)
+    events: deque[EngineEvent] | None = None  # made on the first event: most connections are idle
     qr: str | None = None
     auth_version: int = 0
     connected: bool = False
@@ -241,13 +242,24 @@ class ConnectionManager:
     def enqueue(self, live: LiveConnection, event: EngineEvent) -> None:
         if live.closed:
             return
+        if live.events is None:
+            live.events = deque()
         if len(live.events) >= _MAX_QUEUED_EVENTS and isinstance(event, QrCode):
             return  # a QR nobody could show in time; everything else is kept
         live.events.append(event)
-        if live.pump is None or live.pump.done():
+        if live.pump is None:
             live.pump = self._spawn(self._pump(live))
 
     async def _pump(self, live: LiveConnection) -> None:
+        try:
+            await self._drain_events(live)
+        finally:
+            live.pump = None
+            if live.events is not None and not live.events:
+                live.events = None
+
+    async def _drain_events(self, live: LiveConnection) -> None:
+        assert live.events is not None
         backoff = 0.05
         while live.events and not live.closed:
             event = live.events[0]
@@ -475,7 +487,8 @@ class ConnectionManager:
         return Call(session_id=session_id, op=op, payload=b"", user_id=None, admin=True, request_id=new_request_id())
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
+        # A fresh context: the task must not log under the request that happened to start it.
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

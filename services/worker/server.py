@@ -126,7 +126,7 @@ class Worker:
             )
             js = self.nc.jetstream()
             await ensure_streams(js)
-            webhooks = WebhookService(nc=self.nc, settings=self.settings)
+            webhooks = WebhookService(nc=self.nc, settings=self.settings, count=self.metrics.count_webhook)
             await webhooks.start()
             events = EventPublisher(self.nc, webhooks)
             engines, bots = EngineRegistry(), BotRegistry()

@@ -4,10 +4,13 @@ It behaves like one where the product can see it: QR codes that rotate until sca
 pairing code), a linked account, text messages between simulated phone numbers with acks
 ``sent`` -> ``delivered`` -> ``read``, and faults. ``make run`` and the tests use it.
 
-The "WhatsApp network" is NATS: a connected device listens on ``sm.sim.phone.<number>``.
-Sending asks that subject; the recipient's answer is the ``delivered`` ack and it reports
-``read`` a moment later. A number nobody has linked is an outside contact that is always
-online: the sender sees delivered and read after ``SIM_ACK_DELAY``. The network keeps nothing
+The "WhatsApp network" is NATS: a device is reached on ``sm.sim.phone.<number>``. Each worker
+has one subscription for all of them (``sm.sim.phone.*``, :class:`SimNetwork`) and hands each
+message to its local devices with that number: a subscription per device cost about 5 KB of
+memory per session. Sending asks that subject; the recipient's answer is the ``delivered`` ack
+and it reports ``read`` a moment later. A number nobody answers for within
+``_DELIVERY_TIMEOUT`` is an outside contact that is always online: the sender sees delivered
+and read after ``SIM_ACK_DELAY``. The network keeps nothing
 for a linked device that is offline (it is not a WhatsApp server), so a message sent while the
 recipient's session is between workers is acked by the outside-contact rule instead.
 A device that connects announces itself on the same subject; an older device with the same
@@ -17,11 +20,12 @@ credentials disconnects as ``replaced``, as WhatsApp does when a second client l
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import random
 import re
 import secrets
-import string
 import time
+import weakref
 from base64 import b64encode
 from collections import OrderedDict
 from typing import Any
@@ -54,8 +58,8 @@ SIM_PREFIX = "sm.sim.phone"
 PHONE_RE = re.compile(r"^[0-9]{5,20}$")
 _PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTVWXYZ23456789"  # no look-alikes, as WhatsApp's codes
 _MAX_PAIRING_CODES = 8
-_SEEN_LIMIT = 1024
-_DELIVERY_TIMEOUT = 2.0
+_SEEN_LIMIT = 32  # recent inbound keys; the worker's check against the stored history is the real one
+_DELIVERY_TIMEOUT = 0.5
 
 
 def phone_subject(phone: str) -> str:
@@ -137,23 +141,77 @@ class SimDisconnect(msgspec.Struct, forbid_unknown_fields=True):
     fail_next_connects: int = 0
 
 
+class SimNetwork:
+    """One worker's end of the simulated network: one subscription, local devices by number."""
+
+    _by_connection: weakref.WeakKeyDictionary[Any, SimNetwork] = weakref.WeakKeyDictionary()
+
+    def __init__(self, nc: Any) -> None:
+        self._nc = nc
+        self._devices: dict[str, list[SimulatedEngine]] = {}
+        self._sub: Subscription | None = None
+        self._subscribing: asyncio.Lock = asyncio.Lock()
+
+    @classmethod
+    def of(cls, nc: Any) -> SimNetwork:
+        network = cls._by_connection.get(nc)
+        if network is None:
+            network = cls._by_connection[nc] = cls(nc)
+        return network
+
+    async def attach(self, phone: str, engine: SimulatedEngine) -> None:
+        async with self._subscribing:
+            if self._sub is None:
+                self._sub = await self._nc.subscribe(f"{SIM_PREFIX}.*", cb=self._on_message)
+        self._devices.setdefault(phone, []).append(engine)
+
+    def detach(self, phone: str, engine: SimulatedEngine) -> None:
+        devices = self._devices.get(phone)
+        if devices is not None and engine in devices:
+            devices.remove(engine)
+            if not devices:
+                del self._devices[phone]
+
+    async def _on_message(self, msg: Msg) -> None:
+        devices = self._devices.get(msg.subject[len(SIM_PREFIX) + 1 :])
+        if not devices:
+            return  # not a device of this worker's
+        try:
+            envelope = _envelope_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        answered = False
+        for engine in list(devices):
+            if isinstance(envelope, SimText) and msg.reply and not answered:
+                await self._nc.publish(msg.reply, b"delivered")
+                answered = True
+            engine.on_network(envelope)
+
+
 class SimulatedEngine:
+    __slots__ = (
+        "_spec", "_nc", "_network", "_events", "_ack_delay", "_qr_interval", "_qr_rotations", "_max_text",
+        "_auth", "_device", "_connected", "_pairing", "_pairing_codes", "_seen", "_fail_connects", "_tasks",
+    )
+
     def __init__(self, spec: EngineSpec, events: EngineEvents) -> None:
         self._spec = spec
         self._nc = spec.nc
+        self._network = SimNetwork.of(spec.nc)
         self._events = events
         self._ack_delay = spec.settings.sim_ack_delay
         self._qr_interval = spec.settings.qr_rotate_interval
         self._qr_rotations = spec.settings.qr_max_rotations
         self._max_text = spec.settings.max_message_text
         self._auth: SimAuth | None = None
-        self._device = secrets.token_hex(8)
-        self._sub: Subscription | None = None
+        self._device = ""
+        self._connected = False
         self._pairing: asyncio.Task[None] | None = None
-        self._pairing_codes: OrderedDict[str, str] = OrderedDict()
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        # Made on first use: an idle connected device should cost little (10,000 per worker).
+        self._pairing_codes: OrderedDict[str, str] | None = None
+        self._seen: OrderedDict[str, None] | None = None
         self._fail_connects = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] | None = None
 
     # ---- the Engine interface -------------------------------------------------------------
 
@@ -172,7 +230,7 @@ class SimulatedEngine:
         await self._connect()
 
     async def send_text(self, message_id: str, chat_id: str, text: str) -> None:
-        if self._sub is None or self._auth is None:
+        if not self._connected or self._auth is None:
             raise EngineError("not connected")
         phone = phone_of(chat_id)
         envelope = SimText(key=key_of(message_id), sender=self._auth.phone, text=text, timestamp=time.time())
@@ -182,6 +240,8 @@ class SimulatedEngine:
         if not PHONE_RE.match(phone):
             raise ValidationFailedError("phone must be 5-20 digits with the country code, no +")
         code = "".join(random.choice(_PAIRING_ALPHABET) for _ in range(8))
+        if self._pairing_codes is None:
+            self._pairing_codes = OrderedDict()
         self._pairing_codes[code] = phone
         while len(self._pairing_codes) > _MAX_PAIRING_CODES:
             self._pairing_codes.popitem(last=False)
@@ -194,7 +254,7 @@ class SimulatedEngine:
     async def stop(self) -> None:
         self._stop_pairing()
         await self._disconnect()
-        for task in list(self._tasks):
+        for task in list(self._tasks or ()):
             task.cancel()
 
     def command(self, name: str, payload: dict[str, Any]) -> None:
@@ -228,7 +288,7 @@ class SimulatedEngine:
             raise EngineError("no QR code is waiting to be scanned")
         phone = scan.phone
         if scan.code is not None:
-            phone = self._pairing_codes.pop(scan.code.replace("-", "").upper(), None)
+            phone = (self._pairing_codes or {}).pop(scan.code.replace("-", "").upper(), None)
             if phone is None:
                 raise ValidationFailedError("unknown pairing code")
         if phone is None or not PHONE_RE.match(phone):
@@ -246,23 +306,20 @@ class SimulatedEngine:
 
     async def _connect(self) -> None:
         assert self._auth is not None
-        subject = phone_subject(self._auth.phone)
         self._device = secrets.token_hex(8)
         # Older devices on these credentials hear the claim and step down (WhatsApp's conflict).
-        await self._nc.publish(subject, json_encoder.encode(SimClaim(device=self._device)))
-        self._sub = await self._nc.subscribe(subject, cb=self._on_network)
+        await self._nc.publish(phone_subject(self._auth.phone), json_encoder.encode(SimClaim(device=self._device)))
+        await self._network.attach(self._auth.phone, self)
+        self._connected = True
         self._events.emit(Connected(me=self._me()))
 
     async def _disconnect(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - the NATS connection may be gone already
-                log.debug("sim_unsubscribe_failed", exc_info=True)
+        if self._connected and self._auth is not None:
+            self._network.detach(self._auth.phone, self)
+        self._connected = False
 
     async def _fault(self, fault: SimDisconnect) -> None:
-        if self._sub is None:
+        if not self._connected:
             return
         self._fail_connects = max(0, min(fault.fail_next_connects, 1000))
         await self._disconnect()
@@ -270,31 +327,37 @@ class SimulatedEngine:
             self._auth = None
         self._events.emit(Disconnected(reason=fault.reason, logged_out=fault.logged_out))
 
-    async def _on_network(self, msg: Msg) -> None:
-        try:
-            envelope = _envelope_decoder.decode(msg.data)
-        except msgspec.DecodeError:
+    def on_network(self, envelope: SimEnvelope) -> None:
+        """A message for our number (the network already answered ``delivered`` for texts)."""
+        if not self._connected:
             return
         if isinstance(envelope, SimClaim):
-            if envelope.device != self._device and self._sub is not None:
-                await self._disconnect()
+            if envelope.device != self._device:
+                self._network.detach(self._auth.phone, self)  # type: ignore[union-attr]
+                self._connected = False
                 self._events.emit(Disconnected(reason="replaced by a newer connection of this device", replaced=True))
             return
         if isinstance(envelope, SimAck):
             chat = chat_id_of(envelope.reader)
             self._events.emit(MessageAck(id=outbound_id(chat, envelope.key), chat_id=chat, status=envelope.status))
             return
-        if msg.reply:
-            await self._nc.publish(msg.reply, b"delivered")
-        if envelope.key in self._seen:
+        if not self._remember(envelope.key):
             return  # a resend after a failover: delivered once
-        self._seen[envelope.key] = None
-        if len(self._seen) > _SEEN_LIMIT:
-            self._seen.popitem(last=False)
         chat = chat_id_of(envelope.sender)
         text = envelope.text[: self._max_text]
         self._events.emit(InboundMessage(id=inbound_id(chat, envelope.key), chat_id=chat, text=text, timestamp=envelope.timestamp))
         self._spawn(self._report_read(envelope))
+
+    def _remember(self, key: str) -> bool:
+        """False if ``key`` was seen lately (the worker also checks the stored history)."""
+        if self._seen is None:
+            self._seen = OrderedDict()
+        if key in self._seen:
+            return False
+        self._seen[key] = None
+        if len(self._seen) > _SEEN_LIMIT:
+            self._seen.popitem(last=False)
+        return True
 
     async def _report_read(self, envelope: SimText) -> None:
         await asyncio.sleep(self._ack_delay)
@@ -306,19 +369,17 @@ class SimulatedEngine:
     async def _deliver(self, message_id: str, chat_id: str, phone: str, envelope: SimText) -> None:
         try:
             await self._nc.request(phone_subject(phone), json_encoder.encode(envelope), timeout=_DELIVERY_TIMEOUT)
-        except NoRespondersError:
-            # An outside contact: always online, reads at once.
+        except (NoRespondersError, NatsTimeoutError, TimeoutError):
+            # Nobody answered for the number: an outside contact, always online, reads at once.
             await asyncio.sleep(self._ack_delay)
             self._events.emit(MessageAck(id=message_id, chat_id=chat_id, status="delivered"))
             await asyncio.sleep(self._ack_delay)
             self._events.emit(MessageAck(id=message_id, chat_id=chat_id, status="read"))
             return
-        except (NatsTimeoutError, TimeoutError):
-            return  # stays "sent", as a message to a phone that is off
         self._events.emit(MessageAck(id=message_id, chat_id=chat_id, status="delivered"))
 
     def _inbound(self, inbound: SimInbound) -> None:
-        if self._sub is None:
+        if not self._connected:
             raise EngineError("not connected")
         if not PHONE_RE.match(inbound.sender):
             raise ValidationFailedError("from must be 5-20 digits")
@@ -326,11 +387,13 @@ class SimulatedEngine:
             raise ValidationFailedError(f"text must be 1-{self._max_text} characters")
         key = _message_key()
         chat = chat_id_of(inbound.sender)
-        self._seen[key] = None
+        self._remember(key)
         self._events.emit(InboundMessage(id=inbound_id(chat, key), chat_id=chat, text=inbound.text, timestamp=time.time()))
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -342,8 +405,4 @@ def _qr_payload() -> str:
 
 
 def _message_key() -> str:
-    return "3EB0" + "".join(random.choices(string.hexdigits.upper()[:16], k=16))
-
-
-def new_message_key() -> str:
-    return _message_key()
+    return "3EB0" + secrets.token_hex(8).upper()
