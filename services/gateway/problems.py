@@ -1,6 +1,12 @@
-"""Every error leaves the gateway as ``application/problem+json`` (RFC 9457), mapped here only."""
+"""Every error leaves the gateway as ``application/problem+json`` (RFC 9457), mapped here only.
+
+:func:`problem_for` is the one mapping from an exception to a problem; the Litestar exception
+handlers and the fast path (:mod:`sessionmgr.gateway.fastpath`) both answer with what it returns.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import structlog
 from litestar import Request, Response
@@ -25,12 +31,20 @@ _HTTP_CODES = {
 }
 
 
-def problem_response(status: int, code: str, title: str, detail: str, instance: str | None = None, headers: dict[str, str] | None = None) -> Response[bytes]:
+class ProblemReply(NamedTuple):
+    """A problem+json answer, independent of how it is sent."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+def problem_reply(status: int, code: str, title: str, detail: str, instance: str | None = None, headers: dict[str, str] | None = None) -> ProblemReply:
     body = Problem(type=f"https://session-manager.dev/problems/{code}", title=title, status=status, detail=detail, code=code, instance=instance)
-    return Response(json_encoder.encode(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+    return ProblemReply(status, json_encoder.encode(body), dict(headers or {}))
 
 
-def handle_domain_error(request: Request, exc: SessionManagerError) -> Response[bytes]:
+def _domain_problem(exc: SessionManagerError, instance: str) -> ProblemReply:
     headers: dict[str, str] = {}
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="session-manager", error="invalid_token"'
@@ -38,39 +52,58 @@ def handle_domain_error(request: Request, exc: SessionManagerError) -> Response[
         headers["Retry-After"] = str(exc.extra["retry_after"])
     elif exc.status == 503:
         headers["Retry-After"] = "1"
-    return problem_response(exc.status, exc.code, exc.title, exc.detail, request.url.path, headers)
+    return problem_reply(exc.status, exc.code, exc.title, exc.detail, instance, headers)
 
 
-def handle_validation_error(request: Request, exc: ValidationException) -> Response[bytes]:
+def _validation_problem(exc: ValidationException, instance: str) -> ProblemReply:
     detail = exc.detail
     if isinstance(exc.extra, list) and exc.extra:
         parts = [f"{e.get('key') or 'body'}: {e.get('message')}" if isinstance(e, dict) else str(e) for e in exc.extra]
         detail = "; ".join(parts)
-    return problem_response(400, "validation_error", "Request failed validation", detail, request.url.path)
+    return problem_reply(400, "validation_error", "Request failed validation", detail, instance)
 
 
-def handle_http_exception(request: Request, exc: HTTPException) -> Response[bytes]:
+def _http_problem(exc: HTTPException, instance: str) -> ProblemReply:
     status = exc.status_code
     if isinstance(exc, NotAuthorizedException):
         status = 401
     if status >= 500:
         log.error("http_error", status=status, detail=exc.detail)
-        return problem_response(status, "internal_error", "Internal error", "the server could not complete the request", request.url.path)
+        return problem_reply(status, "internal_error", "Internal error", "the server could not complete the request", instance)
     code = _HTTP_CODES.get(status, "http_error")
-    return problem_response(status, code, code.replace("_", " ").capitalize(), exc.detail or code, request.url.path, exc.headers)
+    return problem_reply(status, code, code.replace("_", " ").capitalize(), exc.detail or code, instance, exc.headers)
 
 
-def handle_unexpected(request: Request, exc: Exception) -> Response[bytes]:
+def _unexpected_problem(exc: Exception, instance: str) -> ProblemReply:
     if isinstance(exc, RecursionError):
         # A body nested thousands of levels deep exhausts the decoder's stack: the client's fault.
-        return problem_response(400, "validation_error", "Request failed validation", "JSON nested too deeply", request.url.path)
+        return problem_reply(400, "validation_error", "Request failed validation", "JSON nested too deeply", instance)
     log.exception("unhandled_error")
-    return problem_response(500, "internal_error", "Internal error", "the server could not complete the request", request.url.path)
+    return problem_reply(500, "internal_error", "Internal error", "the server could not complete the request", instance)
+
+
+def problem_for(exc: Exception, instance: str) -> ProblemReply:
+    """The problem for any exception; ``instance`` is the request's path."""
+    if isinstance(exc, SessionManagerError):
+        return _domain_problem(exc, instance)
+    if isinstance(exc, ValidationException):  # before HTTPException: it is one
+        return _validation_problem(exc, instance)
+    if isinstance(exc, HTTPException):
+        return _http_problem(exc, instance)
+    return _unexpected_problem(exc, instance)
+
+
+def _to_response(problem: ProblemReply) -> Response[bytes]:
+    return Response(problem.body, status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE, headers=problem.headers or None)
+
+
+def handle_exception(request: Request, exc: Exception) -> Response[bytes]:  # type: ignore[type-arg]
+    return _to_response(problem_for(exc, request.url.path))
 
 
 EXCEPTION_HANDLERS = {
-    SessionManagerError: handle_domain_error,
-    ValidationException: handle_validation_error,
-    HTTPException: handle_http_exception,
-    Exception: handle_unexpected,
+    SessionManagerError: handle_exception,
+    ValidationException: handle_exception,
+    HTTPException: handle_exception,
+    Exception: handle_exception,
 }
