@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, NamedTuple
 
 import msgspec
 import segno
@@ -59,12 +60,26 @@ def render_qr_png(payload: str) -> bytes:
     return buffer.getvalue()
 
 
+class RouteReply(NamedTuple):
+    """An answer of a session route, independent of how it is sent (Litestar or the fast path)."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    media_type: str | None  # None: no body (204)
+
+
 def _state(request: Request) -> GatewayState:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
 def _principal(request: Request) -> Principal:
-    principal = _state(request).verifier.authenticate(request.headers.get("authorization"))
+    return authorize_reader(_state(request), request.headers)
+
+
+def authorize_reader(state: GatewayState, headers: Mapping[str, str]) -> Principal:
+    """The caller, who must hold a sessions scope (``headers``: lower-case names)."""
+    principal = state.verifier.authenticate(headers.get("authorization"))
     if not principal.can_read:
         raise ForbiddenError("this token has no sessions scope (sessions:read, sessions:write or sessions:admin)")
     return principal
@@ -83,12 +98,12 @@ def _checked_session_id(session_id: str) -> str:
     return session_id
 
 
-def _base_headers(request: Request, principal: Principal, *, mutating: bool) -> dict[str, str]:
+def _base_headers(request_headers: Mapping[str, str], principal: Principal, *, mutating: bool) -> dict[str, str]:
     headers = {bus.HEADER_USER: principal.user_id, bus.HEADER_REQUEST_ID: new_request_id()}
     if principal.is_admin:
         headers[bus.HEADER_ADMIN] = "1"
     if mutating:
-        key = request.headers.get("idempotency-key")
+        key = request_headers.get("idempotency-key")
         if key is not None and not is_valid_idempotency_key(key):
             raise BadRequestError("Idempotency-Key must be 1-128 printable ASCII characters")
         # Without a client key the gateway still makes one, so its own retries never apply twice.
@@ -109,6 +124,15 @@ def _if_match(request: Request) -> str | None:
 
 
 def _reply(msg_data: bytes, headers: dict[str, str] | None, *, session_id: str | None = None, extra: dict[str, str] | None = None) -> Response[bytes]:
+    return _to_response(reply_from_worker(msg_data, headers, session_id=session_id, extra=extra))
+
+
+def _to_response(reply: RouteReply) -> Response[bytes]:
+    return Response(reply.body, status_code=reply.status, media_type=reply.media_type or JSON, headers=reply.headers)
+
+
+def reply_from_worker(msg_data: bytes, headers: dict[str, str] | None, *, session_id: str | None = None, extra: dict[str, str] | None = None) -> RouteReply:
+    """The HTTP answer to a worker's reply: status from ``Sm-Status``, ETag, Location, stale warning."""
     headers = headers or {}
     status = int(headers.get(bus.HEADER_STATUS, "200"))
     out = dict(extra or {})
@@ -121,15 +145,41 @@ def _reply(msg_data: bytes, headers: dict[str, str] | None, *, session_id: str |
         out["Warning"] = '110 - "Response is Stale"'
         out["X-Session-Stale"] = "true"
     if status == 204:
-        return Response(b"", status_code=204, headers=out)
-    return Response(msg_data, status_code=status, media_type=JSON, headers=out)
+        return RouteReply(204, b"", out, None)
+    return RouteReply(status, msg_data, out, JSON)
 
 
 async def _forward(request: Request, session_id: str, op: str, payload: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str] | None]:
-    state = _state(request)
+    return await _forward_to(_state(request), session_id, op, payload, headers)
+
+
+async def _forward_to(state: GatewayState, session_id: str, op: str, payload: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str] | None]:
     subject = subjects.session_subject(session_id, op, state.settings.shard_count)
     msg = await state.workers.call(subject, payload, headers, op=op)
     return msg.data, msg.headers
+
+
+# The two hot routes, shared by their Litestar handlers and the fast path (sessionmgr.gateway.fastpath).
+
+
+async def fetch_session(state: GatewayState, request_headers: Mapping[str, str], session_id: str) -> RouteReply:
+    principal = authorize_reader(state, request_headers)
+    _checked_session_id(session_id)
+    headers = _base_headers(request_headers, principal, mutating=False)
+    body, reply_headers = await _forward_to(state, session_id, subjects.OP_GET, b"", headers)
+    return reply_from_worker(body, reply_headers, session_id=session_id)
+
+
+async def run_session_action(state: GatewayState, request_headers: Mapping[str, str], session_id: str, data: ActionBody) -> RouteReply:
+    principal = authorize_reader(state, request_headers)
+    _checked_session_id(session_id)
+    if not is_valid_action(data.action) or data.action in subjects.SESSION_OPS:
+        raise BadRequestError("action names are dotted lower-case words, for example context.incr")
+    headers = _base_headers(request_headers, principal, mutating=True)
+    if not principal.can_write:
+        headers[bus.HEADER_READ_ONLY] = "1"  # the worker knows which actions change the session
+    body, reply_headers = await _forward_to(state, session_id, data.action, msgspec.json.encode(data.payload), headers)
+    return reply_from_worker(body, reply_headers, session_id=session_id)
 
 
 class SessionController(Controller):
@@ -145,7 +195,7 @@ class SessionController(Controller):
     async def create_session(self, request: Request, data: JSONBody[CreateSessionBody | None] = None) -> Response[bytes]:
         principal = _writer(request)
         state = _state(request)
-        headers = _base_headers(request, principal, mutating=True)
+        headers = _base_headers(request.headers, principal, mutating=True)
         client_key = request.headers.get("idempotency-key")
         # A retried create must land on the same session: derive its ID from the client's key.
         session_id = session_id_for_key(state.settings.jwt_secret, principal.user_id, client_key) if client_key else new_session_id()
@@ -180,17 +230,13 @@ class SessionController(Controller):
 
     @get("/{session_id:str}", summary="Get a session", responses={200: ResponseSpec(data_container=SessionView)})
     async def get_session(self, request: Request, session_id: FromPath[str]) -> Response[bytes]:
-        principal = _principal(request)
-        _checked_session_id(session_id)
-        headers = _base_headers(request, principal, mutating=False)
-        body, reply_headers = await _forward(request, session_id, subjects.OP_GET, b"", headers)
-        return _reply(body, reply_headers, session_id=session_id)
+        return _to_response(await fetch_session(_state(request), request.headers, session_id))
 
     @put("/{session_id:str}", summary="Change state or metadata", responses={200: ResponseSpec(data_container=SessionView)})
     async def update_session(self, request: Request, session_id: FromPath[str], data: JSONBody[UpdateSessionBody]) -> Response[bytes]:
         principal = _writer(request)
         _checked_session_id(session_id)
-        headers = _base_headers(request, principal, mutating=True)
+        headers = _base_headers(request.headers, principal, mutating=True)
         if_match = _if_match(request)
         if if_match is not None:
             headers[bus.HEADER_IF_MATCH] = if_match
@@ -207,7 +253,7 @@ class SessionController(Controller):
     async def delete_session(self, request: Request, session_id: FromPath[str]) -> Response[bytes]:
         principal = _writer(request)
         _checked_session_id(session_id)
-        headers = _base_headers(request, principal, mutating=True)
+        headers = _base_headers(request.headers, principal, mutating=True)
         if_match = _if_match(request)
         if if_match is not None:
             headers[bus.HEADER_IF_MATCH] = if_match
@@ -232,15 +278,7 @@ class SessionController(Controller):
 
     @post("/{session_id:str}/request", summary="Run an action in the session", responses={200: ResponseSpec(data_container=ActionResult)})
     async def run_action(self, request: Request, session_id: FromPath[str], data: JSONBody[ActionBody]) -> Response[bytes]:
-        principal = _principal(request)
-        _checked_session_id(session_id)
-        if not is_valid_action(data.action) or data.action in subjects.SESSION_OPS:
-            raise BadRequestError("action names are dotted lower-case words, for example context.incr")
-        headers = _base_headers(request, principal, mutating=True)
-        if not principal.can_write:
-            headers[bus.HEADER_READ_ONLY] = "1"  # the worker knows which actions change the session
-        body, reply_headers = await _forward(request, session_id, data.action, msgspec.json.encode(data.payload), headers)
-        return _reply(body, reply_headers, session_id=session_id)
+        return _to_response(await run_session_action(_state(request), request.headers, session_id, data))
 
     @get(
         "/{session_id:str}/qr",
@@ -250,7 +288,7 @@ class SessionController(Controller):
     async def get_qr(self, request: Request, session_id: FromPath[str]) -> Response[bytes]:
         principal = _principal(request)
         _checked_session_id(session_id)
-        headers = _base_headers(request, principal, mutating=False)
+        headers = _base_headers(request.headers, principal, mutating=False)
         body, _ = await _forward(request, session_id, "auth.qr", b"{}", headers)
         qr = _qr_decoder.decode(body).result
         if "application/json" in request.headers.get("accept", ""):
