@@ -16,6 +16,7 @@ from sessionmgr.common.redis_client import create_redis
 from sessionmgr.common.settings import Settings
 from sessionmgr.gateway.auth import TokenVerifier
 from sessionmgr.gateway.cors import cors_config
+from sessionmgr.gateway.fastpath import serve_hot_routes
 from sessionmgr.gateway.openapi_errors import READY_ERRORS, READY_RESPONSES, document_errors
 from sessionmgr.gateway.problems import EXCEPTION_HANDLERS
 from sessionmgr.gateway.ratelimit import RateLimiter
@@ -34,8 +35,12 @@ SECURITY_HEADERS = {
 }
 
 
-def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> Litestar:
-    """``tracer_provider``: the global one unless given (tests pass their own exporting provider)."""
+def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = None, fast_path: bool = True) -> Litestar:
+    """``tracer_provider``: the global one unless given (tests pass their own exporting provider).
+
+    ``fast_path``: serve the two hot routes in front of Litestar's router (:mod:`.fastpath`);
+    off, Litestar serves every route (tests compare the two).
+    """
     metrics = GatewayMetrics()
     tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("sessionmgr.gateway")
     workers = WorkerClient(settings, metrics=metrics, tracer=tracer)
@@ -72,5 +77,8 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     )
     # Around the whole handler, router included, so unmatched routes (404/405) are measured too
     # and every response, errors included, gets the security headers.
-    app.asgi_handler = instrument_http(app.asgi_handler, metrics=metrics, tracer=tracer, response_headers=SECURITY_HEADERS)
+    handler = app.asgi_handler
+    if fast_path:
+        handler = serve_hot_routes(handler, state, cors=app.cors_config is not None)
+    app.asgi_handler = instrument_http(handler, metrics=metrics, tracer=tracer, response_headers=SECURITY_HEADERS)
     return app
