@@ -138,16 +138,15 @@ class WhatsAppActions:
         return written[-1]
 
     async def _connection_start(self, call: Call, payload: dict[str, Any]) -> Reply:
-        try:
-            session = await self._status_change(call, "STARTING", ("STOPPED", "FAILED"), failures=0, last_error=None)
-        except _Replayed as replay:
-            return replay.reply
-        await self._connections.open(session)
-        return self._result(call, status_data(session.connection), session.version)
+        return await self._start(call, ("STOPPED", "FAILED"))
 
     async def _connection_restart(self, call: Call, payload: dict[str, Any]) -> Reply:
+        return await self._start(call, _ALL_STATUSES)
+
+    async def _start(self, call: Call, allowed: Sequence[str]) -> Reply:
+        """STARTING is persisted first; then a fresh engine (the old one, if any, is stopped)."""
         try:
-            session = await self._status_change(call, "STARTING", ("STARTING", "SCAN_QR_CODE", "WORKING", "FAILED", "STOPPED"), failures=0, last_error=None)
+            session = await self._status_change(call, "STARTING", allowed, failures=0, last_error=None)
         except _Replayed as replay:
             return replay.reply
         await self._connections.open(session)
