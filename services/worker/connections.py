@@ -244,8 +244,10 @@ class ConnectionManager:
             return
         if live.events is None:
             live.events = deque()
-        if len(live.events) >= _MAX_QUEUED_EVENTS and isinstance(event, QrCode):
-            return  # a QR nobody could show in time; everything else is kept
+        if len(live.events) >= _MAX_QUEUED_EVENTS:
+            # Bounded: an engine flooding faster than Redis takes the writes loses the excess, loudly.
+            log.warning("engine_event_dropped", session_id=live.session_id, event=type(event).__name__, queued=len(live.events))
+            return
         live.events.append(event)
         if live.pump is None:
             live.pump = self._spawn(self._pump(live))
