@@ -206,6 +206,9 @@ class ConnectionManager:
             await live.engine.start(auth)
         except EngineError as exc:
             self.enqueue(live, Disconnected(reason=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a plug-in's bug counts as a failed attempt, not a 500
+            log.exception("engine_start_failed", session_id=live.session_id)
+            self.enqueue(live, Disconnected(reason=f"engine error: {type(exc).__name__}"))
 
     # ---- shard moves ----------------------------------------------------------------------
 
