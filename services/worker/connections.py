@@ -401,6 +401,9 @@ class ConnectionManager:
         except EngineError as exc:
             log.info("send_deferred", session_id=session_id, message_id=message.id, reason=str(exc))
             return message.status
+        except Exception:  # noqa: BLE001 - stored as pending: resent on the next connect, never lost
+            log.exception("engine_send_failed", session_id=session_id, message_id=message.id)
+            return message.status
         await self._update_message(live, message, "sent")
         return "sent"
 
