@@ -1,4 +1,4 @@
-"""Drive ``sessions.<sid>.context.incr`` straight over NATS, bypassing the gateway.
+"""Drive ``sessions.<sid>.<action>`` requests straight over NATS, bypassing the gateway.
 
 This is the path the NATS CLI uses (nats.conf maps it onto the shard subject): the difference
 to the REST numbers is what the HTTP gateway hop costs. Requests carry no user header (trusted
@@ -27,10 +27,15 @@ INCR_PAYLOAD = b'{"key":"n","by":1}'
 @dataclass(frozen=True)
 class NatsSpec:
     url: str
-    session_ids: list[str]
+    requests: list[tuple[str, bytes]]  # (subject, payload); each request picks one at random
     in_flight: int
     timeout_s: float
     seed: int
+    user: str = "cli"  # nats.conf's user for the NATS CLI path
+
+
+def incr_requests(session_ids: list[str]) -> list[tuple[str, bytes]]:
+    return [(f"sessions.{sid}.context.incr", INCR_PAYLOAD) for sid in session_ids]
 
 
 def nats_child(spec: NatsSpec, window: Window) -> dict[str, Any]:
@@ -51,10 +56,9 @@ async def _run(spec: NatsSpec, window: Window) -> dict[str, Any]:
     from sessionmgr.common.natsauth import role_credentials
 
     # The path a NATS CLI user takes: nats.conf's cli user, sessions.<sid>.<op> subjects.
-    nc = await nats.connect(spec.url, name="sm-bench-nats-direct", **role_credentials("cli"), max_reconnect_attempts=0, connect_timeout=5)
+    nc = await nats.connect(spec.url, name="sm-bench-nats-direct", **role_credentials(spec.user), max_reconnect_attempts=0, connect_timeout=5)
     offset = time.perf_counter() - time.time()
     measure_start, end = window.measure_start + offset, window.end + offset
-    subjects = [f"sessions.{sid}.context.incr" for sid in spec.session_ids]
     choice = random.Random(spec.seed).choice
     latencies = array("d")
     counts = {"ok": 0, "status_errors": 0, "transport_errors": 0}
@@ -75,9 +79,10 @@ async def _run(spec: NatsSpec, window: Window) -> dict[str, Any]:
     async def lane() -> None:
         perf = time.perf_counter
         while perf() < end:
+            subject, payload = choice(spec.requests)
             t0 = perf()
             try:
-                msg = await nc.request(choice(subjects), INCR_PAYLOAD, timeout=spec.timeout_s)
+                msg = await nc.request(subject, payload, timeout=spec.timeout_s)
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                 if measure_start <= t0 and perf() <= end:
                     error(type(exc).__name__, "transport_errors")

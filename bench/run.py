@@ -39,7 +39,7 @@ from sessionmgr.gateway.auth import mint_token
 # bench/ is the script's directory, so its modules import by their bare names.
 from harness import HarnessError, run_children
 from httpload import HttpSpec, build_request, fetch_all, http_child
-from natsload import NatsSpec, nats_child
+from natsload import NatsSpec, incr_requests, nats_child
 from report import LoadOutcome, ResultsFile, ScenarioResult, print_table, summarize_latencies, with_other
 from scaling import run_scaling
 from send_text import prepare_working, send_requests
@@ -303,7 +303,7 @@ def run_nats_direct(target: Target, pool: list[PoolEntry], ctx: Context) -> list
     for in_flight in NATS_IN_FLIGHT:
         ctx.out.write(f"  nats-direct: context.incr ({in_flight} in flight, {ctx.args.duration:g} s) ...")
         ctx.out.flush()
-        spec = NatsSpec(url=target.nats_url, session_ids=session_ids, in_flight=in_flight, timeout_s=ctx.args.timeout, seed=in_flight)
+        spec = NatsSpec(url=target.nats_url, requests=incr_requests(session_ids), in_flight=in_flight, timeout_s=ctx.args.timeout, seed=in_flight)
         raw, cpu = run_children(nats_child, [spec], warmup_s=ctx.args.warmup, duration_s=ctx.args.duration, roles=target.roles)
         outcome = merge_outcomes(raw, ctx.args.duration)
         ctx.out.write(f" {outcome.rps:,.0f} req/s\n")

@@ -23,22 +23,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
-import resource
 import shutil
 import sys
 import tempfile
 import time
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import psutil
-from harness import Window, run_children
+from harness import run_children
 from httpload import HttpSpec, build_request, http_child
-from natsload import create_sessions
+from natsload import NatsSpec, create_sessions, nats_child
 from report import ResultsFile, ScenarioResult, print_table, with_other
 from run import merge_errors, merge_outcomes, user_tokens
 from stacks import StackError, SystemStack, Target
@@ -143,83 +140,6 @@ async def _pair_all(nats_url: str, session_ids: list[str], in_flight: int, timeo
 
 
 # ---- message.send_text over NATS, in its own process (harness.run_children) ------------------
-
-
-@dataclass(frozen=True)
-class SendSpec:
-    url: str
-    requests: list[tuple[str, bytes]]  # (subject, payload); each request picks one at random
-    in_flight: int
-    timeout_s: float
-    seed: int
-
-
-def send_child(spec: SendSpec, window: Window) -> dict[str, Any]:
-    """One NATS load generator process: ``sessions.<sid>.message.send_text`` with ``in_flight`` lanes."""
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    return asyncio.run(_send_load(spec, window))
-
-
-async def _send_load(spec: SendSpec, window: Window) -> dict[str, Any]:
-    import nats
-    import nats.errors
-
-    from sessionmgr.common.natsauth import role_credentials
-
-    nc = await nats.connect(spec.url, name="sm-bench-whatsapp-send", **role_credentials("dev"), max_reconnect_attempts=0, connect_timeout=5)
-    offset = time.perf_counter() - time.time()
-    measure_start, end = window.measure_start + offset, window.end + offset
-    choice = random.Random(spec.seed).choice
-    latencies = array("d")
-    counts = {"ok": 0, "status_errors": 0, "transport_errors": 0}
-    error_kinds: dict[str, int] = {}
-    usage: dict[str, float] = {}
-
-    def snapshot(name: str) -> None:
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        usage[name] = ru.ru_utime + ru.ru_stime
-
-    def error(kind: str, counter: str) -> None:
-        counts[counter] += 1
-        error_kinds[kind] = error_kinds.get(kind, 0) + 1
-
-    async def lane() -> None:
-        perf = time.perf_counter
-        while perf() < end:
-            subject, payload = choice(spec.requests)
-            t0 = perf()
-            try:
-                msg = await nc.request(subject, payload, timeout=spec.timeout_s)
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-                if measure_start <= t0 and perf() <= end:
-                    error(type(exc).__name__, "transport_errors")
-                continue
-            t1 = perf()
-            if measure_start <= t0 and t1 <= end:
-                latencies.append(t1 - t0)
-                if msg.headers is not None and _ERROR_HEADER in msg.headers:
-                    error(f"{msg.headers.get(_CODE_HEADER, '?')} ({msg.headers[_ERROR_HEADER]})", "status_errors")
-                else:
-                    counts["ok"] += 1
-
-    loop = asyncio.get_running_loop()
-    try:
-        await asyncio.sleep(max(0.0, window.start - time.time()))
-        loop.call_later(max(0.0, window.measure_start - time.time()), snapshot, "start")
-        lanes = [loop.create_task(lane()) for _ in range(spec.in_flight)]
-        await asyncio.sleep(max(0.0, window.end - time.time()))
-        snapshot("end")
-        for task in lanes:
-            task.cancel()
-        await asyncio.gather(*lanes, return_exceptions=True)
-    finally:
-        await nc.close()
-    return {**counts, "error_kinds": error_kinds, "latencies": latencies.tobytes(), "cpu_s": usage["end"] - usage.get("start", usage["end"])}
 
 
 def send_payload(index: int, count: int) -> bytes:
@@ -384,8 +304,8 @@ def run(args: argparse.Namespace, out: Any) -> int:
         out.write(f"\nmessage.send_text over NATS ({args.in_flight} in flight, {args.duration:g} s) ...")
         out.flush()
         requests = [(f"sessions.{sid}.message.send_text", send_payload(index_of[sid], count)) for sid in working]
-        spec = SendSpec(url=target.nats_url, requests=requests, in_flight=args.in_flight, timeout_s=args.timeout, seed=1)
-        raw, cpu = run_children(send_child, [spec], warmup_s=args.warmup, duration_s=args.duration, roles=target.roles)
+        spec = NatsSpec(url=target.nats_url, requests=requests, in_flight=args.in_flight, timeout_s=args.timeout, seed=1)
+        raw, cpu = run_children(nats_child, [spec], warmup_s=args.warmup, duration_s=args.duration, roles=target.roles)
         rows.append(_row(target, "sessions.<sid>.message.send_text", "wa-send-nats", args.in_flight, "nats-py", raw, cpu, args.duration, len(working)))
         out.write(f" {rows[-1].outcome.rps:,.0f} req/s\n")
         if args.http:

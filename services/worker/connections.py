@@ -206,6 +206,9 @@ class ConnectionManager:
             await live.engine.start(auth)
         except EngineError as exc:
             self.enqueue(live, Disconnected(reason=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a plug-in's bug counts as a failed attempt, not a 500
+            log.exception("engine_start_failed", session_id=live.session_id)
+            self.enqueue(live, Disconnected(reason=f"engine error: {type(exc).__name__}"))
 
     # ---- shard moves ----------------------------------------------------------------------
 
@@ -244,8 +247,10 @@ class ConnectionManager:
             return
         if live.events is None:
             live.events = deque()
-        if len(live.events) >= _MAX_QUEUED_EVENTS and isinstance(event, QrCode):
-            return  # a QR nobody could show in time; everything else is kept
+        if len(live.events) >= _MAX_QUEUED_EVENTS:
+            # Bounded: an engine flooding faster than Redis takes the writes loses the excess, loudly.
+            log.warning("engine_event_dropped", session_id=live.session_id, event=type(event).__name__, queued=len(live.events))
+            return
         live.events.append(event)
         if live.pump is None:
             live.pump = self._spawn(self._pump(live))
@@ -395,6 +400,9 @@ class ConnectionManager:
             await live.engine.send_text(message.id, message.chat_id, message.text)
         except EngineError as exc:
             log.info("send_deferred", session_id=session_id, message_id=message.id, reason=str(exc))
+            return message.status
+        except Exception:  # noqa: BLE001 - stored as pending: resent on the next connect, never lost
+            log.exception("engine_send_failed", session_id=session_id, message_id=message.id)
             return message.status
         await self._update_message(live, message, "sent")
         return "sent"

@@ -15,6 +15,8 @@ are touched (pre-bound children); everything else is read from the worker at scr
 | ``sm_worker_shard_moves_total`` | | shards taken or released |
 | ``sm_redis_duration_seconds`` | ``command`` | Redis round trips |
 | ``sm_degraded_queue_depth`` | | changes queued while storage is away (degraded mode) |
+| ``sm_whatsapp_connections`` | | WhatsApp connections (engines) live on this worker |
+| ``sm_whatsapp_sessions_by_status`` | ``status`` | sessions in memory by connection status (STOPPED ... FAILED) |
 | ``sm_webhook_deliveries_total`` | ``outcome`` | webhook deliveries: enqueued, enqueue_failed, delivered, retried, dead_lettered |
 
 Average occupancy over a window is ``rate(sm_worker_request_duration_seconds_sum[5m]) /
@@ -106,6 +108,8 @@ class _WorkerStateCollector(Collector):
         utilization = GaugeMetricFamily("sm_worker_utilization_ratio", "In-flight requests over the limit, 0-1")
         shards = GaugeMetricFamily("sm_worker_shards", "Shards this worker owns")
         moves = CounterMetricFamily("sm_worker_shard_moves", "Shards this worker took or released")
+        connections = GaugeMetricFamily("sm_whatsapp_connections", "WhatsApp connections (engines) live on this worker")
+        by_status = GaugeMetricFamily("sm_whatsapp_sessions_by_status", "Sessions in memory by WhatsApp connection status", labels=["status"])
         if worker is not None:
             cache = worker._cache  # noqa: SLF001 - the worker's own state, read-only
             owned = worker.shards
@@ -114,9 +118,12 @@ class _WorkerStateCollector(Collector):
             sessions.add_metric([], len(cache))
             for state, count in sorted(Tally(s.state for s in cache.sessions()).items()):
                 by_state.add_metric([state], count)
+            for status, count in sorted(Tally(s.connection.status for s in cache.sessions()).items()):
+                by_status.add_metric([status], count)
+            connections.add_metric([], len(worker.connections) if worker.connections is not None else 0)
             in_flight.add_metric([], current)
             limit.add_metric([], maximum)
             utilization.add_metric([], current / maximum)
             shards.add_metric([], len(owned.shards) if owned is not None else 0)
             moves.add_metric([], owned.moves if owned is not None else 0)
-        yield from (sessions, by_state, in_flight, limit, utilization, shards, moves)
+        yield from (sessions, by_state, in_flight, limit, utilization, shards, moves, connections, by_status)

@@ -97,7 +97,7 @@ class Worker:
         self.shards: ShardOwnership | None = None
         self.service: SessionService | None = None
         self.connections: ConnectionManager | None = None
-        self.metrics = WorkerMetrics(registry.names(), tracer=tracer)
+        self.metrics = WorkerMetrics([*registry.names(), *WhatsAppActions.ops], tracer=tracer)
         self.metrics.watch(self)
         self.degraded: DegradedMode | None = None
 

@@ -112,13 +112,20 @@ class WhatsAppActions:
 
     # ---- connection -----------------------------------------------------------------------
 
-    async def _status_change(self, call: Call, status: str, allowed: Sequence[str], **changes: Any) -> Session:
-        """Persist the new status (with the client's idempotency key) and return the new session."""
+    async def _status_change(self, call: Call, status: str, allowed: Sequence[str], *, linked: bool = False, **changes: Any) -> Session:
+        """Persist the new status (with the client's idempotency key) and return the new session.
+
+        A check that fails inside the write (status, ``linked``) lets a retry of a request that
+        already succeeded get its first answer back instead of the error.
+        """
         written: list[Session] = []
 
         def compute(current: Session | None) -> Change:
             session = self._visible_now(call, current)
             _require(session, call.op, allowed)
+            if linked and session.connection.me is None:
+                status_now = session.connection.status
+                raise ConnectionStatusError(f"connection is {status_now} and no device is linked; nothing to log out", status=status_now)
             connection = connection_with(session.connection, status, **changes)
             new = self._service.next_version(session, connection=connection)
             written.append(new)
@@ -131,16 +138,15 @@ class WhatsAppActions:
         return written[-1]
 
     async def _connection_start(self, call: Call, payload: dict[str, Any]) -> Reply:
-        try:
-            session = await self._status_change(call, "STARTING", ("STOPPED", "FAILED"), failures=0, last_error=None)
-        except _Replayed as replay:
-            return replay.reply
-        await self._connections.open(session)
-        return self._result(call, status_data(session.connection), session.version)
+        return await self._start(call, ("STOPPED", "FAILED"))
 
     async def _connection_restart(self, call: Call, payload: dict[str, Any]) -> Reply:
+        return await self._start(call, _ALL_STATUSES)
+
+    async def _start(self, call: Call, allowed: Sequence[str]) -> Reply:
+        """STARTING is persisted first; then a fresh engine (the old one, if any, is stopped)."""
         try:
-            session = await self._status_change(call, "STARTING", ("STARTING", "SCAN_QR_CODE", "WORKING", "FAILED", "STOPPED"), failures=0, last_error=None)
+            session = await self._status_change(call, "STARTING", allowed, failures=0, last_error=None)
         except _Replayed as replay:
             return replay.reply
         await self._connections.open(session)
@@ -156,13 +162,12 @@ class WhatsAppActions:
 
     async def _connection_logout(self, call: Call, payload: dict[str, Any]) -> Reply:
         session = await self._service.visible(call)
-        if session.connection.me is None:
-            raise ConnectionStatusError(f"connection is {session.connection.status} and no device is linked; nothing to log out", status=session.connection.status)
-        # Unlink first: once the auth state is gone no owner can bring the device back.
-        await self._connections.close(call.session_id, logout=True)
-        await self._connections.delete_auth(call.session_id)
+        if session.connection.me is not None:
+            # Unlink first: once the auth state is gone no owner can bring the device back.
+            await self._connections.close(call.session_id, logout=True)
+            await self._connections.delete_auth(call.session_id)
         try:
-            session = await self._status_change(call, "STOPPED", tuple(_ALL_STATUSES), me=None, failures=0, last_error=None)
+            session = await self._status_change(call, "STOPPED", _ALL_STATUSES, linked=True, me=None, failures=0, last_error=None)
         except _Replayed as replay:
             return replay.reply
         return self._result(call, status_data(session.connection), session.version)

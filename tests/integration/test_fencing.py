@@ -6,9 +6,10 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 from redis.asyncio import Redis
 
-from sessionmgr.common.models import Session
+from sessionmgr.common.models import ChatMessage, Session
 from sessionmgr.worker.store import ABSENT, SessionStore, WriteOutcome
 from tests.support.cluster import Servers
 
@@ -72,3 +73,68 @@ async def test_writes_issued_together_are_batched_in_order_and_survive_a_script_
         assert all(isinstance(r, ConnectionError) or "Connect" in type(r).__name__ for r in results), results
     finally:
         await dead.aclose()
+
+
+async def test_auth_state_and_message_acks_are_versioned_fenced_and_live_with_the_session(isolated_servers: Servers) -> None:
+    """The engine's credentials and the history's acks obey the same epoch as the session."""
+    redis = Redis(host="127.0.0.1", port=isolated_servers.redis_port)
+    try:
+        store = SessionStore(redis, shard_count=64)
+        sid = uuid.uuid4().hex
+        shard = store.shard_of(sid)
+        base = 5000
+        await store.acquire_epoch(shard, base)
+        message = ChatMessage(id="true_1@c.us_K1", chat_id="1@c.us", from_me=True, text="hi", timestamp=datetime.now(UTC), status="pending", seq=1)
+        outcome = await store.write(
+            shard=shard, epoch=base, session_id=sid, expected_version=ABSENT, user_id="u", session=_session(sid, 1),
+            ttl_ms=60_000, idem_key=None, record=None, idem_ttl_ms=60_000, live=True, messages=[message],
+        )
+        assert outcome.status == "OK"
+        assert await store.live_session_ids(shard) == [sid]
+
+        saved = await store.save_auth(shard=shard, epoch=base, session_id=sid, expected_version=0, state=b"creds-1", ttl_ms=60_000)
+        assert saved.status == "OK" and await store.load_auth(sid) == (1, b"creds-1")
+        # A writer that missed a change (version 0 again) must not overwrite it.
+        behind = await store.save_auth(shard=shard, epoch=base, session_id=sid, expected_version=0, state=b"old", ttl_ms=60_000)
+        assert behind.status == "VERSION" and await store.load_auth(sid) == (1, b"creds-1")
+
+        await store.acquire_epoch(shard, base + 1)  # a new owner
+        stale = await store.save_auth(shard=shard, epoch=base, session_id=sid, expected_version=1, state=b"stale", ttl_ms=60_000)
+        assert stale.status == "FENCED" and await store.load_auth(sid) == (1, b"creds-1")
+        read = msgspec.structs.replace(message, status="read")
+        assert await store.update_message(shard=shard, epoch=base, session_id=sid, message=read) is None  # fenced
+        assert (await store.message(sid, message.id)).status == "pending"  # type: ignore[union-attr]
+        assert await store.update_message(shard=shard, epoch=base + 1, session_id=sid, message=read) is True
+        assert (await store.message(sid, message.id)).status == "read"  # type: ignore[union-attr]
+
+        # Deleting the session takes its history, auth state and live entry with it.
+        gone = await store.write(
+            shard=shard, epoch=base + 1, session_id=sid, expected_version=1, user_id="u", session=None,
+            ttl_ms=60_000, idem_key=None, record=None, idem_ttl_ms=60_000,
+        )
+        assert gone.status == "OK"
+        assert await store.messages(sid) == [] and await store.load_auth(sid) == (0, None)
+        assert await store.live_session_ids(shard) == []
+    finally:
+        await redis.aclose()
+
+
+async def test_history_keeps_only_the_newest_messages(isolated_servers: Servers) -> None:
+    redis = Redis(host="127.0.0.1", port=isolated_servers.redis_port)
+    try:
+        store = SessionStore(redis, shard_count=64)
+        sid = uuid.uuid4().hex
+        shard = store.shard_of(sid)
+        version = ABSENT
+        for seq in range(1, 8):
+            message = ChatMessage(id=f"m{seq}", chat_id="1@c.us", from_me=False, text=str(seq), timestamp=datetime.now(UTC), status="received", seq=seq)
+            outcome = await store.write(
+                shard=shard, epoch=0, session_id=sid, expected_version=version, user_id="u", session=_session(sid, seq),
+                ttl_ms=60_000, idem_key=None, record=None, idem_ttl_ms=60_000, messages=[message], history_limit=3,
+            )
+            assert outcome.status == "OK"
+            version = seq
+        assert [m.id for m in await store.messages(sid)] == ["m5", "m6", "m7"]
+        assert await redis.hlen(f"sm:{{{shard}}}:m:{sid}") == 3
+    finally:
+        await redis.aclose()

@@ -92,6 +92,8 @@ async def test_counters_move_by_the_workload(metered: tuple[Cluster, HeartbeatWa
         assert (await api.post(f"/sessions/{ids[0]}/request", json={"action": "made.up", "payload": {}}, headers=headers)).status_code == 422
         assert (await api.get("/sessions")).status_code == 401
         assert (await api.get("/nowhere")).status_code == 404
+        started = await api.post(f"/sessions/{ids[4]}/request", json={"action": "connection.start"}, headers=headers)
+        assert started.status_code == 200
 
         scraped = await api.get("/metrics")
         assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
@@ -104,7 +106,7 @@ async def test_counters_move_by_the_workload(metered: tuple[Cluster, HeartbeatWa
 
     http = "sm_http_request_duration_seconds_count"
     assert moved(gateway, gateway_before, http, method="POST", route="/sessions", status_class="2xx") == n
-    assert moved(gateway, gateway_before, http, method="POST", route="/sessions/{session_id}/request", status_class="2xx") == 3
+    assert moved(gateway, gateway_before, http, method="POST", route="/sessions/{session_id}/request", status_class="2xx") == 4  # 3 incr, 1 connection.start
     assert moved(gateway, gateway_before, http, route="unmatched", status_class="4xx") == 1
     assert moved(gateway, gateway_before, "sm_http_errors_total", code="session_not_found") == 1
     assert moved(gateway, gateway_before, "sm_http_errors_total", code="unknown_action") == 1
@@ -121,6 +123,10 @@ async def test_counters_move_by_the_workload(metered: tuple[Cluster, HeartbeatWa
     assert moved(workers, workers_before, handled, op="context.incr") == 3
     assert moved(workers, workers_before, handled, op="session.get") == 1
     assert moved(workers, workers_before, handled, op="unknown") == 1
+    assert moved(workers, workers_before, handled, op="connection.start") == 1, "WhatsApp actions are known labels"
+    assert value(workers, "sm_whatsapp_connections") >= 1
+    assert value(workers, "sm_whatsapp_sessions_by_status", status="STOPPED") >= n - 1
+    assert sum(value(workers, "sm_whatsapp_sessions_by_status", status=s) for s in ("STARTING", "SCAN_QR_CODE")) >= 1
     assert moved(workers, workers_before, "sm_worker_errors_total", code="session_not_found") == 1
     assert moved(workers, workers_before, "sm_worker_errors_total", code="unknown_action") == 1
     assert moved(workers, workers_before, "sm_redis_duration_seconds_count", command="EVALSHA") >= n + 3

@@ -350,3 +350,13 @@ async def test_crash_loop_guard_fails_the_connection_until_an_explicit_start(mak
         await ok(api, headers, sid, "connection.restart")
         connection = await wait_status(api, headers, sid, "WORKING")
         assert connection["failures"] == 0 and connection["me"]["id"] == f"{number}@c.us"
+
+
+async def test_retried_logout_gets_its_first_answer(api: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    sid = await working_session(api, headers, phone())
+    key = {**headers, "Idempotency-Key": f"logout-{uuid.uuid4().hex}"}
+    first = await act(api, key, sid, "connection.logout")
+    again = await act(api, key, sid, "connection.logout")
+    assert first.status_code == again.status_code == 200, again.text
+    assert first.json() == again.json()
+    assert_problem(await act(api, headers, sid, "connection.logout"), 409, "invalid_connection_status")  # a new logout: nothing linked
