@@ -110,6 +110,17 @@ async def echo_round_trip(api: httpx.AsyncClient, person: str, bot_number: str, 
     await eventually(echoed, timeout=10, what=f"the echo of {text!r}")
 
 
+async def echo_bot_and_person(api: httpx.AsyncClient, nc: NATS, settings: Settings) -> tuple[str, str, str, int, str, int]:
+    """A WORKING echo-bot session and a WORKING person session on the other worker:
+    (bot number, bot session, person session, the bot's shard, its owner, the shard's epoch)."""
+    bot_number, person_number = phone(), phone()
+    bot = await working_session(api, HEADERS, bot_number, bot="echo")
+    shard, victim, epoch = await owner_of(nc, settings, bot)
+    assert victim is not None
+    person = await working_session_away_from(api, nc, settings, victim, person_number)
+    return bot_number, bot, person, shard, victim, epoch
+
+
 def texts(history: list[dict[str, Any]], *, from_me: bool) -> list[str]:
     return [m["text"] for m in history if m["from_me"] is from_me]
 
@@ -118,11 +129,7 @@ async def test_killed_owner_session_is_working_on_another_worker_without_pairing
     cluster, watch, nc = await make_cluster(workers=2)
     settings = cluster.settings
     async with AsyncTestClient(app=create_app(settings), base_url="http://gateway.local") as api:
-        bot_number, person_number = phone(), phone()
-        bot = await working_session(api, HEADERS, bot_number, bot="echo")
-        shard, victim, epoch = await owner_of(nc, settings, bot)
-        assert victim is not None
-        person = await working_session_away_from(api, nc, settings, victim, person_number)
+        bot_number, bot, person, shard, victim, epoch = await echo_bot_and_person(api, nc, settings)
         for text in ("one", "two"):
             await echo_round_trip(api, person, bot_number, text)
         history = await messages(api, HEADERS, bot)
@@ -169,11 +176,7 @@ async def test_paused_owner_does_not_keep_or_take_back_the_device(make_cluster) 
     cluster, watch, nc = await make_cluster(workers=2)
     settings = cluster.settings
     async with AsyncTestClient(app=create_app(settings), base_url="http://gateway.local") as api:
-        bot_number, person_number = phone(), phone()
-        bot = await working_session(api, HEADERS, bot_number, bot="echo")
-        shard, victim, epoch = await owner_of(nc, settings, bot)
-        assert victim is not None
-        person = await working_session_away_from(api, nc, settings, victim, person_number)
+        bot_number, bot, person, shard, victim, epoch = await echo_bot_and_person(api, nc, settings)
         await echo_round_trip(api, person, bot_number, "before")
         me = (await status_of(api, HEADERS, bot))["me"]
 
