@@ -9,6 +9,11 @@ how long after the kill a GET through the gateway first answers. A replacement w
 joins (a graceful handoff) before the next round. At the end every session's counter is
 compared with the increments clients saw acknowledged.
 
+With ``--whatsapp N`` (default 100) N sessions are also paired WORKING on the simulated engine
+first; each round then times how long after the kill every WhatsApp connection the victim held is
+connected again on its new owner (the moment the new device announces itself on the simulated
+network), with no new pairing.
+
 Prints recovery p50/p99/max, client-visible failures, acknowledged writes lost and shards
 moved per kill (and whether only the victim's moved). Results also go to bench/results/.
 """
@@ -160,6 +165,40 @@ class Load:
                 self.failures[str(r.status_code)] += 1
 
 
+class DeviceClaims:
+    """A device that connects announces itself on ``sm.sim.phone.<number>``: when each did last."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+
+    async def on_msg(self, msg) -> None:  # type: ignore[no-untyped-def]
+        if b'"type":"claim"' in msg.data:
+            self.last[msg.subject.rsplit(".", 1)[1]] = time.monotonic()
+
+    async def time_reconnect(self, phones: list[str], killed_at: float, timeout: float = 20.0) -> tuple[float, int]:
+        """(seconds until every phone's device connected again after ``killed_at``, how many never did)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.last.get(p, 0.0) > killed_at for p in phones):
+                break
+            await asyncio.sleep(0.01)
+        back = [self.last[p] - killed_at for p in phones if self.last.get(p, 0.0) > killed_at]
+        return (max(back) if back else 0.0), len(phones) - len(back)
+
+
+async def pair_whatsapp(nc, nats_url: str, count: int) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """``count`` sessions paired WORKING on the simulated engine: session id -> phone number."""
+    from whatsapp import pair_all, phone_number  # the WhatsApp benchmark's pairing, over NATS
+
+    ids = [f"wa-{uuid.uuid4().hex[:16]}" for _ in range(count)]
+    for sid in ids:
+        await nc.request(f"sessions.{sid}.session.create", b'{"user_id": "bench-wa"}', timeout=5)
+    pairing = await pair_all(nats_url, ids, 32, 10.0)
+    if pairing.failures:
+        print(f"pairing failures: {pairing.failures}")
+    return {sid: phone_number(ids.index(sid)) for sid in pairing.working}
+
+
 async def read_map(nc) -> ShardMap:  # type: ignore[no-untyped-def]
     kv = await nc.jetstream().key_value(subjects.SHARD_MAP_BUCKET)
     return shard_map_decoder.decode((await kv.get(subjects.SHARD_MAP_KEY)).value)
@@ -199,6 +238,11 @@ async def main_async(args: argparse.Namespace) -> int:
         coverage = Coverage(failure_timeout)
         await nc.subscribe(f"{subjects.HEARTBEAT_PREFIX}.*", cb=coverage.on_beat)
         await coverage.wait_covered(set(cluster.workers))
+        claims = DeviceClaims()
+        await nc.subscribe("sm.sim.phone.*", cb=claims.on_msg, pending_msgs_limit=1_000_000)
+        devices = await pair_whatsapp(nc, cluster.env["NATS_URL"], args.whatsapp) if args.whatsapp else {}
+        if devices:
+            print(f"{len(devices)} WhatsApp sessions WORKING on the simulated engine")
         token = mint_token(JWT_SECRET, "bench", ttl_s=3600)
         limits = httpx.Limits(max_connections=args.clients + len(range(args.sessions)) + 10)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cluster.http_port}", headers={"Authorization": f"Bearer {token}"}, timeout=30, limits=limits) as client:
@@ -219,6 +263,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 killed_at = time.monotonic()
                 cluster.workers.pop(victim).kill()
                 recovery = await time_recovery(nc, victim_sessions, killed_at) if victim_sessions else 0.0
+                victim_phones = [phone for sid, phone in devices.items() if shard_for(sid, SHARDS) in victim_shards]
+                reconnect, not_back = await claims.time_reconnect(victim_phones, killed_at) if victim_phones else (0.0, 0)
                 await coverage.wait_covered(set(cluster.workers))
                 after = await read_map(nc)
                 moved = {i for i, (a, b) in enumerate(zip(before.shards, after.shards, strict=True)) if a.owner != b.owner}
@@ -229,11 +275,15 @@ async def main_async(args: argparse.Namespace) -> int:
                     "shards_moved": len(moved),
                     "only_victims_shards": moved == victim_shards,
                     "client_failures": sum(load.failures.values()) - failures_before,
+                    "whatsapp_connections": len(victim_phones),
+                    "whatsapp_reconnect_s": round(reconnect, 3),
+                    "whatsapp_not_reconnected": not_back,
                 }
                 rows.append(row)
                 print(f"round {round_no:>2}: {len(victim_sessions):>4} sessions back in {recovery * 1000:7.0f} ms; "
                       f"{len(moved)} shards moved (only the victim's: {moved == victim_shards}); "
-                      f"client-visible failures {row['client_failures']}", flush=True)
+                      f"client-visible failures {row['client_failures']}; "
+                      f"{len(victim_phones)} WhatsApp connections back in {reconnect * 1000:.0f} ms ({not_back} not)", flush=True)
                 cluster.add_worker()  # a replacement joins: a graceful handoff under load
                 await coverage.wait_covered(set(cluster.workers))
             load.stop.set()
@@ -247,6 +297,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     print(f"MISMATCH {sid}: stored {stored}, acknowledged {load.acked[sid]}")
         await nc.close()
         recoveries = [r["recovery_s"] for r in rows]
+        reconnects = [r["whatsapp_reconnect_s"] for r in rows if r["whatsapp_connections"]]
         summary = {
             "rounds": len(rows),
             "workers": args.workers,
@@ -261,6 +312,11 @@ async def main_async(args: argparse.Namespace) -> int:
             "client_visible_failures": dict(load.failures),
             "shards_moved_per_kill": [r["shards_moved"] for r in rows],
             "only_victims_shards_moved": all(r["only_victims_shards"] for r in rows),
+            "whatsapp_sessions": len(devices),
+            "whatsapp_reconnect_p50_s": percentile(reconnects, 0.5) if reconnects else None,
+            "whatsapp_reconnect_p99_s": percentile(reconnects, 0.99) if reconnects else None,
+            "whatsapp_reconnect_max_s": max(reconnects) if reconnects else None,
+            "whatsapp_not_reconnected": sum(r["whatsapp_not_reconnected"] for r in rows),
         }
         print()
         print(f"Failover over {len(rows)} kills ({args.workers} workers, heartbeat {args.heartbeat_interval}s x {args.heartbeat_misses}, {args.clients} clients):")
@@ -268,6 +324,10 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"  acknowledged increments {summary['acknowledged_increments']}, lost {lost}")
         print(f"  client-visible failures {sum(load.failures.values())} {dict(load.failures) or ''}")
         print(f"  shards moved per kill {summary['shards_moved_per_kill']} (only the victim's: {summary['only_victims_shards_moved']})")
+        if reconnects:
+            print(f"  WhatsApp connections ({len(devices)} WORKING): reconnected on the new owner, no pairing: "
+                  f"p50 {summary['whatsapp_reconnect_p50_s'] * 1000:.0f} ms   p99 {summary['whatsapp_reconnect_p99_s'] * 1000:.0f} ms   "
+                  f"max {summary['whatsapp_reconnect_max_s'] * 1000:.0f} ms; not reconnected {summary['whatsapp_not_reconnected']}")
         write_results("failover", [{"kind": "failover_round", **row} for row in rows] + [{"kind": "failover_summary", **summary}])
         return 0 if lost == 0 else 1
     finally:
@@ -280,6 +340,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="workers kept running (default 4)")
     parser.add_argument("--sessions", type=int, default=400, help="sessions under load (default 400)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent incrementing clients (default 32)")
+    parser.add_argument("--whatsapp", type=int, default=100, help="WhatsApp sessions paired WORKING before the kills (default 100; 0 = none)")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5, help="HEARTBEAT_INTERVAL (default 0.5)")
     parser.add_argument("--heartbeat-misses", type=int, default=3, help="HEARTBEAT_MISSES (default 3)")
     args = parser.parse_args()

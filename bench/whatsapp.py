@@ -99,7 +99,7 @@ class StatusWaiter:
             self._waiting.pop(session_id, None)
 
 
-async def _pair_all(nats_url: str, session_ids: list[str], in_flight: int, timeout_s: float) -> Pairing:
+async def pair_all(nats_url: str, session_ids: list[str], in_flight: int, timeout_s: float) -> Pairing:
     import nats
 
     from sessionmgr.common.natsauth import role_credentials
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
 
         out.write(f"pairing them (connection.start, SCAN_QR_CODE, simulate.scan, WORKING; {args.in_flight} at a time) ...")
         out.flush()
-        pairing = asyncio.run(_pair_all(target.nats_url, [sid for sid, _ in owners], args.in_flight, args.timeout))
+        pairing = asyncio.run(pair_all(target.nats_url, [sid for sid, _ in owners], args.in_flight, args.timeout))
         out.write(f" {len(pairing.working):,} WORKING in {pairing.seconds:.1f} s" + (f"; failures {pairing.failures}" if pairing.failures else "") + "\n")
         if not pairing.working:
             raise StackError("no session reached WORKING")
