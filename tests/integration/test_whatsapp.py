@@ -360,3 +360,22 @@ async def test_retried_logout_gets_its_first_answer(api: httpx.AsyncClient, head
     assert first.status_code == again.status_code == 200, again.text
     assert first.json() == again.json()
     assert_problem(await act(api, headers, sid, "connection.logout"), 409, "invalid_connection_status")  # a new logout: nothing linked
+
+
+async def test_a_connected_session_renews_its_ttl_while_an_idle_one_expires(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster, _, _ = await make_cluster(workers=1, session_ttl=3, expiry_sweep_interval=0.2)
+    headers = auth("ttl-user")
+    async with AsyncTestClient(app=create_app(cluster.settings), base_url="http://gateway.local") as api:
+        connected = await working_session(api, headers, phone())
+        first_expiry = (await api.get(f"/sessions/{connected}", headers=headers)).json()["expires_at"]
+        idle = await new_session(api, headers)  # changed last, so it would expire last
+
+        async def idle_gone() -> bool:
+            return (await api.get(f"/sessions/{idle}", headers=headers)).status_code == 404
+
+        await eventually(idle_gone, timeout=15, what="the idle session's expiry")
+        # Nobody called the API for the connected one either; its connection kept it alive.
+        resp = await api.get(f"/sessions/{connected}", headers=headers)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["connection"]["status"] == "WORKING"
+        assert resp.json()["expires_at"] > first_expiry
