@@ -379,3 +379,22 @@ async def test_a_connected_session_renews_its_ttl_while_an_idle_one_expires(make
         assert resp.status_code == 200, resp.text
         assert resp.json()["connection"]["status"] == "WORKING"
         assert resp.json()["expires_at"] > first_expiry
+
+
+async def test_qr_codes_rotate_and_an_unscanned_pairing_fails(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cluster, _, _ = await make_cluster(workers=1, qr_rotate_interval=0.3, qr_max_rotations=3)
+    headers = auth("qr-user")
+    async with AsyncTestClient(app=create_app(cluster.settings), base_url="http://gateway.local") as api:
+        sid = await new_session(api, headers)
+        await ok(api, headers, sid, "connection.start")
+        await wait_status(api, headers, sid, "SCAN_QR_CODE")
+        first = (await ok(api, headers, sid, "auth.qr"))["qr"]
+
+        async def rotated() -> bool:
+            resp = await act(api, headers, sid, "auth.qr")
+            return resp.status_code == 200 and resp.json()["result"]["qr"] != first
+
+        await eventually(rotated, timeout=5, what="a new QR code")
+        failed = await wait_status(api, headers, sid, "FAILED", timeout=10)
+        assert failed["last_error"] == "the QR code was not scanned in time" and failed["me"] is None
+        assert_problem(await act(api, headers, sid, "auth.qr"), 409, "invalid_connection_status")
