@@ -67,8 +67,26 @@ async def _wait_status(addr: tuple[str, int], host: str, entries: list[Any], wan
     return done
 
 
+def _spread_over_users(pool: list[Any], count: int) -> list[Any]:
+    """``count`` sessions taken from as many users as possible, round robin.
+
+    Rate limits are per user (RATE_LIMIT_PER_MINUTE): a row drawn from a handful of users would
+    measure the limiter under a fast load generator (wrk), not message.send_text.
+    """
+    by_user: dict[str, list[Any]] = {}
+    for entry in pool:
+        by_user.setdefault(entry.token, []).append(entry)
+    chosen: list[Any] = []
+    queues = list(by_user.values())
+    while len(chosen) < count and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
 async def _prepare(addr: tuple[str, int], host: str, pool: list[Any], count: int, timeout_s: float) -> Prepared:
-    entries = pool[:count]
+    entries = _spread_over_users(pool, count)
     if not entries:
         return Prepared([], "no sessions to connect")
     # Probe: an unknown action answers 422 unknown_action; a known one refuses this session (not WORKING yet).

@@ -40,8 +40,9 @@ def wrk_binary() -> str | None:
 
 
 def _lua_string(raw: bytes) -> str:
-    # Decimal escapes for everything but plain printable ASCII: valid in Lua 5.1 and LuaJIT.
-    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b}" for b in raw) + '"'
+    # Decimal escapes for everything but plain printable ASCII: valid in Lua 5.1 and LuaJIT. Always
+    # three digits: Lua reads up to three, so "\34" before a digit ('"4...') would be another byte.
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03d}" for b in raw) + '"'
 
 
 def write_script(path: Path, targets: list[tuple[str, int]], requests: list[bytes]) -> None:
