@@ -54,6 +54,11 @@ async def ensure_streams(js: JetStreamContext) -> None:
             duplicate_window=120,
         ),
     ]
+    await ensure_stream_configs(js, configs)
+
+
+async def ensure_stream_configs(js: JetStreamContext, configs: list[StreamConfig]) -> None:
+    """Create each stream, or bring an existing one to ``config`` (idempotent, any order of starts)."""
     for config in configs:
         try:
             await js.add_stream(config)

@@ -19,12 +19,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError as JsBadRequestError
 from nats.js.errors import NotFoundError
 
 from sessionmgr.common import bus
 from sessionmgr.common.errors import InternalError, SessionManagerError, ValidationFailedError, error_headers
 from sessionmgr.common.models import event_decoder
+from sessionmgr.common.streams import ensure_stream_configs
 from sessionmgr.common.webhook_models import (
     ADMIN_DEAD_LETTERS,
     ADMIN_QUEUE,
@@ -82,11 +82,7 @@ def stream_configs() -> list[StreamConfig]:
 
 
 async def ensure_webhook_streams(js: JetStreamContext) -> None:
-    for config in stream_configs():
-        try:
-            await js.add_stream(config)
-        except JsBadRequestError:
-            await js.update_stream(config)
+    await ensure_stream_configs(js, stream_configs())
 
 
 def view_of(seq: int, dead: DeadLetter) -> DeadLetterView:
