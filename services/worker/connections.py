@@ -314,7 +314,7 @@ class ConnectionManager:
     async def _on_disconnected(self, live: LiveConnection, event: Disconnected) -> None:
         live.connected = False
         if event.logged_out:
-            await self._delete_auth(live)
+            await self._save_auth(live, None)
             await self._set_status(live, "STOPPED", me=None, failures=0, last_error=f"logged out: {event.reason}")
             await self.close(live.session_id)
             return
@@ -369,7 +369,7 @@ class ConnectionManager:
                 context = copy.deepcopy(current.context)
                 for text in bot.on_message(inbound, context)[:8]:
                     seq += 1
-                    replies.append(self._outbound(event.chat_id, text[: self._settings.max_message_text], seq))
+                    replies.append(self.new_outbound(event.chat_id, text[: self._settings.max_message_text], seq))
                 if len(json_encoder.encode(context)) > self._settings.max_context_bytes:
                     raise LimitExceededError("the bot's context would exceed MAX_CONTEXT_BYTES")
             session = self._service.next_version(current, context=context, message_seq=seq)
@@ -380,16 +380,12 @@ class ConnectionManager:
         for reply in replies:
             await self.send(live.session_id, reply)
 
-    def _outbound(self, chat_id: str, text: str, seq: int) -> ChatMessage:
+    @staticmethod
+    def new_outbound(chat_id: str, text: str, seq: int) -> ChatMessage:
+        """A message of ours, ``pending`` until the engine has handed it to WhatsApp."""
         return ChatMessage(
             id=new_outbound_id(chat_id), chat_id=chat_id, from_me=True, text=text, timestamp=datetime.now(UTC), status="pending", seq=seq
         )
-
-    async def history(self, session_id: str) -> list[ChatMessage]:
-        return await self._store.messages(session_id)
-
-    def new_outbound(self, chat_id: str, text: str, seq: int) -> ChatMessage:
-        return self._outbound(chat_id, text, seq)
 
     async def send(self, session_id: str, message: ChatMessage) -> str:
         """Hand a persisted pending message to the engine; its status once WhatsApp took it."""
@@ -444,24 +440,16 @@ class ConnectionManager:
         return session
 
     async def _set_status(self, live: LiveConnection, status: str, **changes: Any) -> None:
-        await self.write_status(live.session_id, status, **changes)
-
-    async def write_status(self, session_id: str, status: str, **changes: Any) -> Session:
         """Persist the connection's status (and ``me``/``failures``/``last_error`` when given)."""
 
         def compute(current: Session | None) -> Change:
             if current is None:
-                raise SessionNotFoundError(f"no session {session_id!r}")
-            connection = connection_with(current.connection, status, **changes)
-            if connection == current.connection:
+                raise SessionNotFoundError(f"no session {live.session_id!r}")
+            if connection_with(current.connection, status, **changes) == current.connection:
                 return Change(current, b"", events=[])  # nothing new: no write (see SessionService)
-            session = self._service.next_version(current, connection=connection)
-            return Change(session, b"", live=status in LIVE_STATUSES, events=[("session.status", status_data(connection))])
+            return status_change(self._service, current, status, **changes)
 
-        await self._service.mutate(self._internal_call(session_id, "engine.status"), compute)
-        session = await self._service.current(session_id)
-        assert session is not None
-        return session
+        await self._service.mutate(self._internal_call(live.session_id, "engine.status"), compute)
 
     async def _save_auth(self, live: LiveConnection, state: bytes | None) -> None:
         shard, epoch = self._service.owner_epoch(live.session_id)
@@ -478,18 +466,15 @@ class ConnectionManager:
             live.auth_version = int(outcome.detail or 0)  # VERSION: our count was behind; ours is newer
         raise NotOwnerError("auth state keeps changing under this worker")
 
-    async def _delete_auth(self, live: LiveConnection) -> None:
-        await self._save_auth(live, None)
-
     async def delete_auth(self, session_id: str) -> None:
-        live = self._live.get(session_id)
-        if live is not None:
-            await self._save_auth(live, None)
-            return
+        """Void the stored auth state (logout); the connection must already be closed."""
         shard, epoch = self._service.owner_epoch(session_id)
         version, state = await self._store.load_auth(session_id)
-        if state is not None:
-            await self._store.save_auth(shard=shard, epoch=epoch, session_id=session_id, expected_version=version, state=None, ttl_ms=1)
+        if state is None:
+            return
+        outcome = await self._store.save_auth(shard=shard, epoch=epoch, session_id=session_id, expected_version=version, state=None, ttl_ms=1)
+        if outcome.status == "FENCED":
+            raise NotOwnerError(f"shard {shard} now belongs to a newer owner")
 
     def _internal_call(self, session_id: str, op: str) -> Call:
         return Call(session_id=session_id, op=op, payload=b"", user_id=None, admin=True, request_id=new_request_id())
@@ -515,6 +500,14 @@ def connection_with(
         last_error=connection.last_error if last_error is _UNSET else last_error,
         failures=connection.failures if failures is None else failures,
     )
+
+
+def status_change(service: SessionService, current: Session, status: str, **changes: Any) -> Change:
+    """The next version of ``current`` with its connection in ``status``: the write, the shard's
+    live index and the ``session.status`` event, for engine events and client actions alike."""
+    connection = connection_with(current.connection, status, **changes)
+    session = service.next_version(current, connection=connection)
+    return Change(session, b"", live=status in LIVE_STATUSES, events=[("session.status", status_data(connection))])
 
 
 def status_data(connection: Connection) -> dict[str, Any]:

@@ -141,7 +141,7 @@ class Worker:
                 settings=self.settings, worker_id=self.worker_id, nc=self.nc, engines=engines, bots=bots,
                 service=self.service, store=store, locks=self._locks, events=events,
             )
-            self.service.extend(WhatsAppActions(service=self.service, connections=self.connections, settings=self.settings))
+            self.service.extend(WhatsAppActions(service=self.service, connections=self.connections, store=store, settings=self.settings))
             self.shards.on_taken = self.connections.restore_shard
             self.shards.on_released = self.connections.release_shard
             self.service.on_deleted = self.connections.forget

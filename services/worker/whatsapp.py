@@ -26,22 +26,22 @@ from sessionmgr.common.errors import (
 )
 from sessionmgr.common.models import (
     ActionResult,
+    CONNECTION_STATUSES,
     ChatMessage,
     Session,
     SessionConfig,
-    WebhookConfig,
     json_encoder,
 )
 from sessionmgr.common.settings import Settings
-from sessionmgr.worker import webhooks as webhook_module
 from sessionmgr.worker.bots import BotRegistry
-from sessionmgr.worker.connections import LIVE_STATUSES, ConnectionManager, connection_with, status_data
+from sessionmgr.worker.connections import ConnectionManager, status_change, status_data
 from sessionmgr.worker.engine import EngineError, EngineRegistry
 from sessionmgr.worker.sessions import Call, Change, Reply, SessionService
 from sessionmgr.worker.sim_engine import phone_of
+from sessionmgr.worker.store import SessionStore
+from sessionmgr.worker.webhook_policy import validate_webhooks
 
 _any_decoder = msgspec.json.Decoder()
-_MAX_WEBHOOKS = 16
 _MAX_LIST = 200
 
 
@@ -84,9 +84,10 @@ class WhatsAppActions:
     ENGINE_COMMANDS = frozenset({"simulate.scan", "simulate.inbound", "simulate.disconnect", "auth.pairing_code"})
     ops = MUTATING | READS | ENGINE_COMMANDS
 
-    def __init__(self, *, service: SessionService, connections: ConnectionManager, settings: Settings) -> None:
+    def __init__(self, *, service: SessionService, connections: ConnectionManager, store: SessionStore, settings: Settings) -> None:
         self._service = service
         self._connections = connections
+        self._store = store
         self._settings = settings
 
     def mutates(self, op: str) -> bool:
@@ -126,11 +127,14 @@ class WhatsAppActions:
             if linked and session.connection.me is None:
                 status_now = session.connection.status
                 raise ConnectionStatusError(f"connection is {status_now} and no device is linked; nothing to log out", status=status_now)
-            connection = connection_with(session.connection, status, **changes)
-            new = self._service.next_version(session, connection=connection)
+            change = status_change(self._service, session, status, **changes)
+            new = change.session
+            assert new is not None
             written.append(new)
-            body = ActionResult(request_id=call.request_id, action=call.op, result=status_data(connection), version=new.version)
-            return Change(new, json_encoder.encode(body), live=status in LIVE_STATUSES, events=[("session.status", status_data(connection))])
+            change.body = json_encoder.encode(
+                ActionResult(request_id=call.request_id, action=call.op, result=status_data(new.connection), version=new.version)
+            )
+            return change
 
         reply = await self._service.mutate(call, compute)
         if reply.replayed:  # the first attempt did the rest
@@ -141,7 +145,7 @@ class WhatsAppActions:
         return await self._start(call, ("STOPPED", "FAILED"))
 
     async def _connection_restart(self, call: Call, payload: dict[str, Any]) -> Reply:
-        return await self._start(call, _ALL_STATUSES)
+        return await self._start(call, CONNECTION_STATUSES)
 
     async def _start(self, call: Call, allowed: Sequence[str]) -> Reply:
         """STARTING is persisted first; then a fresh engine (the old one, if any, is stopped)."""
@@ -167,7 +171,7 @@ class WhatsAppActions:
             await self._connections.close(call.session_id, logout=True)
             await self._connections.delete_auth(call.session_id)
         try:
-            session = await self._status_change(call, "STOPPED", _ALL_STATUSES, linked=True, me=None, failures=0, last_error=None)
+            session = await self._status_change(call, "STOPPED", CONNECTION_STATUSES, linked=True, me=None, failures=0, last_error=None)
         except _Replayed as replay:
             return replay.reply
         return self._result(call, status_data(session.connection), session.version)
@@ -226,7 +230,7 @@ class WhatsAppActions:
         if query.chat_id is not None:
             phone_of(query.chat_id)
         session = await self._service.visible(call)
-        history = await self._connections.history(call.session_id)
+        history = await self._store.messages(call.session_id)
         if query.chat_id is not None:
             history = [m for m in history if m.chat_id == query.chat_id]
         if query.before is not None:
@@ -268,9 +272,6 @@ class WhatsAppActions:
         return current
 
 
-_ALL_STATUSES = ("STOPPED", "STARTING", "SCAN_QR_CODE", "WORKING", "FAILED")
-
-
 class _Replayed(Exception):
     """The change was an idempotent replay: answer with the stored reply, do nothing else."""
 
@@ -283,18 +284,6 @@ def make_config_check(engines: EngineRegistry, bots: BotRegistry, settings: Sett
     def check(config: SessionConfig) -> None:
         engines.check(config.engine or settings.whatsapp_default_engine)
         bots.check(config.bot)
-        check_webhooks(config.webhooks)
+        validate_webhooks(list(config.webhooks))
 
     return check
-
-
-def check_webhooks(hooks: Sequence[WebhookConfig]) -> None:
-    validate = getattr(webhook_module, "validate_webhooks", None)
-    if validate is not None:
-        validate(list(hooks))
-        return
-    if len(hooks) > _MAX_WEBHOOKS:
-        raise ValidationFailedError(f"at most {_MAX_WEBHOOKS} webhooks per session")
-    for hook in hooks:
-        if not hook.url.startswith(("https://", "http://")) or len(hook.url) > 2048:
-            raise ValidationFailedError("webhook url must be an http(s) URL of at most 2048 characters")
