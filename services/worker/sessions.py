@@ -179,18 +179,18 @@ class SessionService:
         if call.op == subjects.OP_GET:
             return await self._get(call)
         if call.op == subjects.OP_CREATE:
-            return await self._mutate(call, self._compute_create(call))
+            return await self.mutate(call, self._compute_create(call))
         if call.op == subjects.OP_UPDATE:
-            return await self._mutate(call, self._compute_update(call))
+            return await self.mutate(call, self._compute_update(call))
         if call.op == subjects.OP_DELETE:
-            return await self._mutate(call, self._compute_delete(call))
+            return await self.mutate(call, self._compute_delete(call))
         if self._extension is not None and call.op in self._extension.ops:
             return await self._extension.handle(call)
         return await self._run_action(call)
 
     # ---- reads --------------------------------------------------------------------------
 
-    async def _current(self, session_id: str) -> Session | None:
+    async def current(self, session_id: str) -> Session | None:
         session = self._cache.get(session_id)
         if session is None:
             with _redis_span("redis HGET"):
@@ -204,28 +204,18 @@ class SessionService:
         return session
 
     async def _visible(self, call: Call) -> Session:
-        session = await self._current(call.session_id)
+        session = await self.current(call.session_id)
         if session is None or not call.may_access(session):
             raise SessionNotFoundError(f"no session {call.session_id!r}")
         return session
 
     async def visible(self, call: Call) -> Session:
         """The session ``call`` may see, from memory (or Redis), on a shard this worker owns."""
-        self._require_owner(call.session_id)
+        self.owner_epoch(call.session_id)
         return await self._visible(call)
 
-    async def current(self, session_id: str) -> Session | None:
-        return await self._current(session_id)
-
-    async def mutate(self, call: Call, compute: Compute) -> Reply:
-        return await self._mutate(call, compute)
-
-    def owner_epoch(self, session_id: str) -> tuple[int, int]:
-        """(shard, epoch) if this worker owns the session's shard, else NotOwnerError."""
-        return self._require_owner(session_id)
-
     async def _get(self, call: Call) -> Reply:
-        self._require_owner(call.session_id)
+        self.owner_epoch(call.session_id)
         session = await self._visible(call)
         return Reply(json_encoder.encode(view_of(session)), session.version)
 
@@ -295,7 +285,7 @@ class SessionService:
                 metadata = {k: v for k, v in metadata.items() if v is not None}
                 check_metadata(metadata, max_keys=self._settings.max_metadata_keys)
             config = current.config if command.config is msgspec.UNSET else command.config
-            session = self._next_version(current, state=state, metadata=metadata, config=config)
+            session = self.next_version(current, state=state, metadata=metadata, config=config)
             return Change(session, json_encoder.encode(view_of(session)))
 
         return compute
@@ -316,7 +306,7 @@ class SessionService:
             raise ForbiddenError(f"action {action.name!r} changes the session; this token may only read")
         payload = _decode(_any_decoder, call.payload)
         if not action.mutates:
-            self._require_owner(call.session_id)
+            self.owner_epoch(call.session_id)
             session = await self._visible(call)
             result = action.handler(copy.deepcopy(session.context), payload)
             body = ActionResult(request_id=call.request_id, action=action.name, result=result, version=session.version)
@@ -329,31 +319,29 @@ class SessionService:
             result = action.handler(context, payload)
             if len(json_encoder.encode(context)) > self._settings.max_context_bytes:
                 raise LimitExceededError(f"session context would exceed {self._settings.max_context_bytes} bytes")
-            session = self._next_version(current, context=context)
+            session = self.next_version(current, context=context)
             body = ActionResult(request_id=call.request_id, action=action.name, result=result, version=session.version)
             return Change(session, json_encoder.encode(body))
 
-        return await self._mutate(call, compute)
+        return await self.mutate(call, compute)
 
     def next_version(self, current: Session, **changes: Any) -> Session:
-        return self._next_version(current, **changes)
-
-    def _next_version(self, current: Session, **changes: Any) -> Session:
         now = datetime.now(UTC)
         return msgspec.structs.replace(current, version=current.version + 1, last_updated=now, expires_at=now + self._ttl, **changes)
 
-    def _require_owner(self, session_id: str) -> tuple[int, int]:
+    def owner_epoch(self, session_id: str) -> tuple[int, int]:
+        """(shard, epoch) if this worker owns the session's shard, else NotOwnerError."""
         shard = self._store.shard_of(session_id)
         epoch = self._ownership.epoch_of(shard)
         if epoch is None:
             raise NotOwnerError(f"this worker does not own shard {shard}")
         return shard, epoch
 
-    async def _mutate(self, call: Call, compute: Compute) -> Reply:
+    async def mutate(self, call: Call, compute: Compute) -> Reply:
         body_hash = hashlib.blake2b(call.op.encode() + b"\x00" + call.payload, digest_size=16).hexdigest()
         for _ in range(_MAX_VERSION_RETRIES):
-            shard, epoch = self._require_owner(call.session_id)
-            current = await self._current(call.session_id)
+            shard, epoch = self.owner_epoch(call.session_id)
+            current = await self.current(call.session_id)
             try:
                 change = compute(current)
             except SessionManagerError:
