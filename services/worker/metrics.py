@@ -116,9 +116,14 @@ class _WorkerStateCollector(Collector):
             current = owned.in_flight if owned is not None else 0
             maximum = worker.settings.worker_max_in_flight
             sessions.add_metric([], len(cache))
-            for state, count in sorted(Tally(s.state for s in cache.sessions()).items()):
+            states: Tally[str] = Tally()
+            statuses: Tally[str] = Tally()
+            for session in cache.sessions():  # one pass over up to WORKER_CACHE_MAX_SESSIONS
+                states[session.state] += 1
+                statuses[session.connection.status] += 1
+            for state, count in sorted(states.items()):
                 by_state.add_metric([state], count)
-            for status, count in sorted(Tally(s.connection.status for s in cache.sessions()).items()):
+            for status, count in sorted(statuses.items()):
                 by_status.add_metric([status], count)
             connections.add_metric([], len(worker.connections) if worker.connections is not None else 0)
             in_flight.add_metric([], current)

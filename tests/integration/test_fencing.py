@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
@@ -19,10 +20,11 @@ def _session(sid: str, version: int) -> Session:
     return Session(session_id=sid, user_id="u", state="active", version=version, created_at=now, last_updated=now, expires_at=now + timedelta(hours=1))
 
 
-async def _write(store: SessionStore, shard: int, epoch: int, sid: str, expected: int, version: int) -> WriteOutcome:
+async def _write(store: SessionStore, shard: int, epoch: int, sid: str, expected: int, version: int, **extra: Any) -> WriteOutcome:
+    """Version ``version`` of ``sid`` (0: delete it); ``extra``: live, messages, history_limit."""
     return await store.write(
-        shard=shard, epoch=epoch, session_id=sid, expected_version=expected, user_id="u", session=_session(sid, version),
-        ttl_ms=60_000, idem_key=None, record=None, idem_ttl_ms=60_000,
+        shard=shard, epoch=epoch, session_id=sid, expected_version=expected, user_id="u", session=_session(sid, version) if version else None,
+        ttl_ms=60_000, idem_key=None, record=None, idem_ttl_ms=60_000, **extra,
     )
 
 
@@ -85,11 +87,7 @@ async def test_auth_state_and_message_acks_are_versioned_fenced_and_live_with_th
         base = 5000
         await store.acquire_epoch(shard, base)
         message = ChatMessage(id="true_1@c.us_K1", chat_id="1@c.us", from_me=True, text="hi", timestamp=datetime.now(UTC), status="pending", seq=1)
-        outcome = await store.write(
-            shard=shard, epoch=base, session_id=sid, expected_version=ABSENT, user_id="u", session=_session(sid, 1),
-            ttl_ms=60_000, idem_key=None, record=None, idem_ttl_ms=60_000, live=True, messages=[message],
-        )
-        assert outcome.status == "OK"
+        assert (await _write(store, shard, base, sid, ABSENT, 1, live=True, messages=[message])).status == "OK"
         assert await store.live_session_ids(shard) == [sid]
 
         saved = await store.save_auth(shard=shard, epoch=base, session_id=sid, expected_version=0, state=b"creds-1", ttl_ms=60_000)
@@ -108,11 +106,7 @@ async def test_auth_state_and_message_acks_are_versioned_fenced_and_live_with_th
         assert (await store.message(sid, message.id)).status == "read"  # type: ignore[union-attr]
 
         # Deleting the session takes its history, auth state and live entry with it.
-        gone = await store.write(
-            shard=shard, epoch=base + 1, session_id=sid, expected_version=1, user_id="u", session=None,
-            ttl_ms=60_000, idem_key=None, record=None, idem_ttl_ms=60_000,
-        )
-        assert gone.status == "OK"
+        assert (await _write(store, shard, base + 1, sid, 1, 0)).status == "OK"  # deleted
         assert await store.messages(sid) == [] and await store.load_auth(sid) == (0, None)
         assert await store.live_session_ids(shard) == []
     finally:
@@ -128,11 +122,7 @@ async def test_history_keeps_only_the_newest_messages(isolated_servers: Servers)
         version = ABSENT
         for seq in range(1, 8):
             message = ChatMessage(id=f"m{seq}", chat_id="1@c.us", from_me=False, text=str(seq), timestamp=datetime.now(UTC), status="received", seq=seq)
-            outcome = await store.write(
-                shard=shard, epoch=0, session_id=sid, expected_version=version, user_id="u", session=_session(sid, seq),
-                ttl_ms=60_000, idem_key=None, record=None, idem_ttl_ms=60_000, messages=[message], history_limit=3,
-            )
-            assert outcome.status == "OK"
+            assert (await _write(store, shard, 0, sid, version, seq, messages=[message], history_limit=3)).status == "OK"
             version = seq
         assert [m.id for m in await store.messages(sid)] == ["m5", "m6", "m7"]
         assert await redis.hlen(f"sm:{{{shard}}}:m:{sid}") == 3
