@@ -93,6 +93,12 @@ class Call:
     def may_access(self, session: Session) -> bool:
         return self.admin or self.user_id is None or self.user_id == session.user_id
 
+    def visible(self, session: Session | None) -> Session:
+        """``session`` if it exists for this caller; someone else's is as absent as a missing one."""
+        if session is None or not self.may_access(session):
+            raise SessionNotFoundError(f"no session {self.session_id!r}")
+        return session
+
 
 @dataclass(slots=True)
 class Reply:
@@ -203,20 +209,13 @@ class SessionService:
             return None
         return session
 
-    async def _visible(self, call: Call) -> Session:
-        session = await self.current(call.session_id)
-        if session is None or not call.may_access(session):
-            raise SessionNotFoundError(f"no session {call.session_id!r}")
-        return session
-
     async def visible(self, call: Call) -> Session:
         """The session ``call`` may see, from memory (or Redis), on a shard this worker owns."""
         self.owner_epoch(call.session_id)
-        return await self._visible(call)
+        return call.visible(await self.current(call.session_id))
 
     async def _get(self, call: Call) -> Reply:
-        self.owner_epoch(call.session_id)
-        session = await self._visible(call)
+        session = await self.visible(call)
         return Reply(json_encoder.encode(view_of(session)), session.version)
 
     async def list_sessions(self, payload: bytes) -> bytes:
@@ -271,8 +270,7 @@ class SessionService:
             self._config_check(command.config)
 
         def compute(current: Session | None) -> Change:
-            if current is None or not call.may_access(current):
-                raise SessionNotFoundError(f"no session {call.session_id!r}")
+            current = call.visible(current)
             if expected is not None and expected != current.version:
                 raise VersionMismatchError(f"session is at version {current.version}, If-Match asked for {expected}")
             state = current.state
@@ -292,8 +290,7 @@ class SessionService:
 
     def _compute_delete(self, call: Call) -> Compute:
         def compute(current: Session | None) -> Change:
-            if current is None or not call.may_access(current):
-                raise SessionNotFoundError(f"no session {call.session_id!r}")
+            current = call.visible(current)
             if call.if_match is not None and call.if_match != current.version:
                 raise VersionMismatchError(f"session is at version {current.version}, If-Match asked for {call.if_match}")
             return Change(None, b"", 204)
@@ -306,15 +303,13 @@ class SessionService:
             raise ForbiddenError(f"action {action.name!r} changes the session; this token may only read")
         payload = _decode(_any_decoder, call.payload)
         if not action.mutates:
-            self.owner_epoch(call.session_id)
-            session = await self._visible(call)
+            session = await self.visible(call)
             result = action.handler(copy.deepcopy(session.context), payload)
             body = ActionResult(request_id=call.request_id, action=action.name, result=result, version=session.version)
             return Reply(json_encoder.encode(body), session.version)
 
         def compute(current: Session | None) -> Change:
-            if current is None or not call.may_access(current):
-                raise SessionNotFoundError(f"no session {call.session_id!r}")
+            current = call.visible(current)
             context = copy.deepcopy(current.context)
             result = action.handler(context, payload)
             if len(json_encoder.encode(context)) > self._settings.max_context_bytes:

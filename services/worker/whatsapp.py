@@ -20,7 +20,6 @@ import msgspec
 from sessionmgr.common.errors import (
     ConnectionStatusError,
     ForbiddenError,
-    SessionNotFoundError,
     UnknownActionError,
     ValidationFailedError,
 )
@@ -122,7 +121,7 @@ class WhatsAppActions:
         written: list[Session] = []
 
         def compute(current: Session | None) -> Change:
-            session = self._visible_now(call, current)
+            session = call.visible(current)
             _require(session, call.op, allowed)
             if linked and session.connection.me is None:
                 status_now = session.connection.status
@@ -206,7 +205,7 @@ class WhatsAppActions:
         sent: list[ChatMessage] = []
 
         def compute(current: Session | None) -> Change:
-            session = self._visible_now(call, current)
+            session = call.visible(current)
             _require(session, call.op, ("WORKING",))
             seq = session.message_seq + 1
             message = self._connections.new_outbound(request.chat_id, request.text, seq)
@@ -265,11 +264,6 @@ class WhatsAppActions:
 
     async def _simulate_disconnect(self, call: Call, payload: dict[str, Any]) -> Reply:
         return await self._engine_command(call, payload, ("WORKING",))
-
-    def _visible_now(self, call: Call, current: Session | None) -> Session:
-        if current is None or not call.may_access(current):
-            raise SessionNotFoundError(f"no session {call.session_id!r}")
-        return current
 
 
 class _Replayed(Exception):
