@@ -213,7 +213,10 @@ async def test_messages_to_one_chat_keep_their_order_and_a_retry_sends_once(api:
         return got if len(got) >= 11 else None
 
     got = await eventually(all_arrived, what="11 deliveries")
-    assert got == [*texts, "once"]  # in order, and the retried send arrived once
+    assert got == [*texts, "once"]  # in order
+    # The retry was answered from the first attempt: one message in the history, sent once.
+    sent = [m for m in await messages(api, headers, sender, chat_id=chat) if m["text"] == "once"]
+    assert [m["id"] for m in sent] == [first.json()["result"]["message_id"]]
 
 
 async def test_message_list_pages_with_before(api: httpx.AsyncClient, headers: dict[str, str]) -> None:
