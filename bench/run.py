@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scaling", action="store_true",
         help="instead of the scenarios: the scaling table (context.incr with 1/2/4 workers x 1/2 gateways, then 1k/10k/100k sessions; --quick: up to 10k)",
     )  # fmt: skip
+    parser.add_argument(
+        "--only", action="append", choices=SCENARIO_KEYS, metavar="SCENARIO",
+        help=f"run only this REST scenario (repeatable; one of {', '.join(SCENARIO_KEYS)}), e.g. to profile one path",
+    )  # fmt: skip
     parser.add_argument("--keep-logs", action="store_true", help="keep the scratch directory with the services' logs and data, and print its path")
     args = parser.parse_args(argv)
     args.duration = args.duration if args.duration is not None else (3.0 if args.quick else 10.0)
@@ -191,15 +195,19 @@ class Scenario:
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
     n, d = args.connections, args.duration
-    chosen = [
+    every = [
         Scenario("create", "POST /sessions", n, d, _creates),
         Scenario("get", "GET /sessions/{id}", n, d, _gets),
         Scenario("incr", "POST .../request context.incr", n, d, _incrs),
+        Scenario("mixed", "mix 80% GET / 20% incr", n, d, _mixed),
+        Scenario("incr-unloaded", "context.incr unloaded", 1, UNLOADED_DURATION_S, _incrs),
     ]
-    if not args.quick:
-        chosen.append(Scenario("mixed", "mix 80% GET / 20% incr", n, d, _mixed))
-    chosen.append(Scenario("incr-unloaded", "context.incr unloaded", 1, UNLOADED_DURATION_S, _incrs))
-    return chosen
+    if args.only:
+        return [s for s in every if s.key in args.only]
+    return [s for s in every if not (args.quick and s.key == "mixed")]
+
+
+SCENARIO_KEYS = ("create", "get", "incr", "mixed", "incr-unloaded")
 
 
 @dataclass

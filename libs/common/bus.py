@@ -27,12 +27,16 @@ HEADER_CLIENT_IP = "Sm-Client-Ip"
 HEADER_READ_ONLY = "Sm-Read-Only"
 # The gateway made the Idempotency-Key itself: it only has to outlive the gateway's own retries.
 HEADER_KEY_GENERATED = "Sm-Key-Generated"
+# The sender writes this request's canonical log line (the gateway does, with the worker's ID):
+# the worker then logs its own request_handled line at debug level, so a request is logged once.
+HEADER_LOGGED_BY = "Sm-Logged-By"
 
 # Reply headers (worker -> gateway or CLI).
 HEADER_STATUS = "Sm-Status"  # the HTTP status the answer maps to
 HEADER_VERSION = "Sm-Version"  # the session version after the request (ETag)
 HEADER_QUEUED = "Sm-Queued-Request"  # request id of a change queued in degraded mode (202)
 HEADER_STALE = "Sm-Stale"  # "1": read served from memory while storage is away
+HEADER_WORKER = "Sm-Worker"  # the ID of the worker that answered
 
 # "No responders" is answered at once, so retrying often is cheap and finds the new owner soon.
 _BACKOFF_BASE = 0.01

@@ -5,10 +5,12 @@ router 404/405s and errors raised anywhere are measured too. The server span joi
 trace when it sends ``traceparent``; probes and scrapes (``/healthz``, ``/readyz``, ``/metrics``)
 are measured but not traced, and their log line is at debug level.
 
-The request ID is the one the route sends to the worker (``Sm-Request-Id``), so the gateway's
-``request_handled`` line and the worker's share it; :class:`RequestContext` carries it (and the
-session ID) from :meth:`WorkerClient.call <sessionmgr.gateway.workers.WorkerClient.call>` back
-here. Requests that reach no worker get one of their own. It is returned as ``X-Request-Id``.
+The request ID is the one the route sends to the worker (``Sm-Request-Id``), so every line
+either side logs for the request shares it; :class:`RequestContext` carries it (and the session
+ID, and the ID of the worker that answered) from :meth:`WorkerClient.call
+<sessionmgr.gateway.workers.WorkerClient.call>` back here. This line is the request's canonical
+one: the worker logs its own ``request_handled`` only at debug level (``Sm-Logged-By``).
+Requests that reach no worker get one of their own. It is returned as ``X-Request-Id``.
 Headers are never logged: the Authorization header and its token stay out of the logs.
 """
 
@@ -38,11 +40,12 @@ _NO_PARENT = otel_context.Context()  # what extracting from a request without tr
 class RequestContext:
     """What the handlers learn about the request that the canonical line needs."""
 
-    __slots__ = ("request_id", "session_id", "_log_tokens")
+    __slots__ = ("request_id", "session_id", "worker_id", "_log_tokens")
 
     def __init__(self) -> None:
         self.request_id: str | None = None
         self.session_id: str | None = None
+        self.worker_id: str | None = None  # the worker that answered (the reply's Sm-Worker)
         self._log_tokens: dict[str, Any] | None = None
 
     def adopt(self, request_id: str, session_id: str | None) -> None:
@@ -173,6 +176,8 @@ def instrument_http(
             }
             if session_id is not None:
                 fields["session_id"] = session_id
+            if ctx.worker_id is not None:
+                fields["worker_id"] = ctx.worker_id
             if span_context is not None and span_context.is_valid:
                 fields["trace_id"] = format(span_context.trace_id, "032x")
                 fields["span_id"] = format(span_context.span_id, "016x")

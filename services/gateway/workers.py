@@ -93,6 +93,7 @@ class WorkerClient:
         if request is not None:
             # One request ID per HTTP request, shared with the worker's log line and the canonical one.
             headers[bus.HEADER_REQUEST_ID] = headers.get(bus.HEADER_REQUEST_ID) or request.ensure_request_id()
+            headers[bus.HEADER_LOGGED_BY] = "gateway"
             request.adopt(headers[bus.HEADER_REQUEST_ID], _session_of(subject))
         started = time.perf_counter()
         known_op = True
@@ -105,11 +106,15 @@ class WorkerClient:
                     attributes={"messaging.system": "nats", "messaging.destination.name": subject, "sm.op": op},
                 ):
                     inject_trace_headers(headers)
-                    return await self._request(subject, payload, headers, deadline)
-            # Inside an unsampled trace the producer span would not be recorded either (parent-based
-            # sampling): skip making it and send the server span's context, trace ID and all.
-            inject_trace_headers(headers)
-            return await self._request(subject, payload, headers, deadline)
+                    reply = await self._request(subject, payload, headers, deadline)
+            else:
+                # Inside an unsampled trace the producer span would not be recorded either (parent-based
+                # sampling): skip making it and send the server span's context, trace ID and all.
+                inject_trace_headers(headers)
+                reply = await self._request(subject, payload, headers, deadline)
+            if request is not None and reply.headers:
+                request.worker_id = reply.headers.get(bus.HEADER_WORKER)
+            return reply
         except UnknownActionError:
             known_op = False  # a client's made-up action name never becomes a label value
             raise

@@ -202,7 +202,7 @@ class Worker:
         try:
             shard, session_id, op = subjects.parse_shard_subject(msg.subject)
         except ValueError:
-            await self._respond(msg, b"", error_headers(BadRequestError("malformed subject")))
+            await self._respond_error(msg, BadRequestError("malformed subject"))
             return
         self.shards.begin(shard)  # type: ignore[union-attr]
         try:
@@ -230,7 +230,7 @@ class Worker:
                     await self._check_lease()
                     async with self._locks.hold(session_id):
                         reply, stale = await self._handle(call, shard, headers)
-                    reply_headers = {bus.HEADER_STATUS: str(reply.status)}
+                    reply_headers = {bus.HEADER_STATUS: str(reply.status), bus.HEADER_WORKER: self.worker_id}
                     if reply.version is not None:
                         reply_headers[bus.HEADER_VERSION] = str(reply.version)
                     if reply.status == 202:
@@ -240,19 +240,22 @@ class Worker:
                     await self._respond(msg, reply.body, reply_headers)
                 except SessionManagerError as error:
                     outcome, error_code = "error", error.code
-                    await self._respond(msg, b"", error_headers(error))
+                    await self._respond_error(msg, error)
                 except _STORAGE_ERRORS as exc:
                     outcome, error_code = "error", StorageUnavailableError.code
                     log.warning("storage_unavailable", error=str(exc))
-                    await self._respond(msg, b"", error_headers(StorageUnavailableError()))
+                    await self._respond_error(msg, StorageUnavailableError())
                 except Exception:
                     outcome, error_code = "error", InternalError.code
                     log.exception("request_failed")
-                    await self._respond(msg, b"", error_headers(InternalError("internal error")))
+                    await self._respond_error(msg, InternalError("internal error"))
         finally:
             duration = time.perf_counter() - started
             self.metrics.observe_request(op, duration, error_code)
-            log.info("request_handled", outcome=outcome, error_code=error_code, duration_ms=round(duration * 1000, 2), **trace_ids)
+            # One canonical line per request, written where it entered: a request from the gateway
+            # is logged there (with this worker's ID); one sent straight over NATS is logged here.
+            emit = log.debug if headers.get(bus.HEADER_LOGGED_BY) else log.info
+            emit("request_handled", outcome=outcome, error_code=error_code, duration_ms=round(duration * 1000, 2), **trace_ids)
             structlog.contextvars.unbind_contextvars("session_id", "request_id", "op")
 
     async def _handle(self, call: Call, shard: int, headers: dict[str, str]) -> tuple[Reply, bool]:
@@ -303,6 +306,9 @@ class Worker:
         if not await self._refresh_map():
             raise NotOwnerError("worker stalled and cannot confirm shard ownership")
 
+    async def _respond_error(self, msg: Msg, error: SessionManagerError) -> None:
+        await self._respond(msg, b"", {**error_headers(error), bus.HEADER_WORKER: self.worker_id})
+
     async def _respond(self, msg: Msg, body: bytes, headers: dict[str, str]) -> None:
         if not msg.reply:
             return
@@ -322,9 +328,9 @@ class Worker:
             body = await self.service.list_sessions(msg.data)  # type: ignore[union-attr]
             await self._respond(msg, body, {bus.HEADER_STATUS: "200"})
         except SessionManagerError as error:
-            await self._respond(msg, b"", error_headers(error))
+            await self._respond_error(msg, error)
         except _STORAGE_ERRORS:
-            await self._respond(msg, b"", error_headers(StorageUnavailableError()))
+            await self._respond_error(msg, StorageUnavailableError())
 
     async def _on_reconnected(self) -> None:
         """After a NATS outage the map may have moved on without us: re-read it now."""

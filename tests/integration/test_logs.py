@@ -1,5 +1,6 @@
-"""Canonical log lines: one per HTTP request at the gateway and one per handled request at the
-worker, sharing request_id and trace_id, carrying the session and worker IDs, never the token."""
+"""Canonical log lines: one per request, written where it entered (the gateway for REST, the
+worker for a request sent straight over NATS), carrying the request, trace, session and worker
+IDs, never the token."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from litestar.testing import AsyncTestClient
 from sessionmgr.common.tracing import configure_tracing
 from sessionmgr.gateway.app import create_app
 from tests.conftest import token_for
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, nats_client
 
 
 async def _worker_line(cluster: Cluster, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
@@ -30,7 +31,7 @@ async def _worker_line(cluster: Cluster, request_id: str, timeout: float = 10.0)
         await asyncio.sleep(0.02)
 
 
-async def test_gateway_and_worker_log_one_correlated_line_per_request(cluster: Cluster, user: str) -> None:
+async def test_each_request_gets_one_canonical_line_where_it_entered(cluster: Cluster, user: str) -> None:
     token = token_for(user)
     headers = {"Authorization": f"Bearer {token}"}
     # No exporter: nothing is sampled, yet spans have IDs, so logs still correlate by trace_id.
@@ -55,12 +56,25 @@ async def test_gateway_and_worker_log_one_correlated_line_per_request(cluster: C
     assert rejected["status"] == 401 and rejected["error_code"] == "unauthorized" and rejected["outcome"] == "error"
     assert rejected["request_id"] == denied.headers["x-request-id"]
 
-    worker = await _worker_line(cluster, ok["request_id"])
-    assert worker["service"] == "worker" and worker["worker_id"] in cluster.workers
+    assert ok["worker_id"] in cluster.workers, "the gateway's line names the worker that answered"
+
+    # Straight over NATS the worker is the edge: it writes the line, in the caller's trace.
+    trace_id = "5" * 32
+    async with nats_client(cluster.servers.nats_url) as nc:
+        direct = await nc.request(
+            f"sessions.{sid}.context.incr", b'{"key": "n"}', timeout=5,
+            headers={"Sm-Request-Id": "direct-nats-1", "traceparent": f"00-{trace_id}-{'6' * 16}-00"},
+        )  # fmt: skip
+    assert direct.headers and direct.headers.get("Sm-Worker") == ok["worker_id"], "replies name their worker"
+    worker = await _worker_line(cluster, "direct-nats-1")
+    assert worker["service"] == "worker" and worker["worker_id"] == ok["worker_id"]
     assert worker["session_id"] == sid and worker["op"] == "context.incr"
     assert worker["outcome"] == "ok" and worker["error_code"] is None and worker["duration_ms"] > 0
-    assert worker["trace_id"] == ok["trace_id"], "the worker's line is in the gateway's trace"
-    assert len(worker["span_id"]) == 16 and worker["span_id"] != ok["span_id"]
+    assert worker["trace_id"] == trace_id, "the worker's line is in the caller's trace"
+    assert len(worker["span_id"]) == 16
+    # The worker logs in order, so by now it would have written a line for the gateway's request.
+    worker_log = cluster.log_text(ok["worker_id"])
+    assert ok["request_id"] not in worker_log, "a request from the gateway is logged once, by the gateway"
 
     everything = json.dumps(logs, default=str) + "".join(cluster.log_text(name) for name in cluster.workers)
     assert token not in everything and "Bearer" not in everything
