@@ -21,6 +21,7 @@ import os
 import platform
 import secrets
 import shutil
+import statistics
 import signal
 import subprocess
 import sys
@@ -48,7 +49,10 @@ from wrkload import WrkError, run_wrk_load, wrk_binary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SESSIONS_PER_USER = 20  # the pool is spread over users so the per-user index and token cache see variety
-UNLOADED_DURATION_S = 2.0
+# One connection: each target runs this many slices, alternating with the other target, so a
+# drift of the machine's speed (tens of percent over a minute here) hits both alike.
+UNLOADED_ROUNDS = 4
+UNLOADED_SLICE_S = 2.0
 INCR_BODY = b'{"action":"context.incr","payload":{"key":"n","by":1}}'
 CREATE_BODY = b'{"metadata":{}}'
 NATS_IN_FLIGHT = (64, 256)
@@ -191,6 +195,7 @@ class Scenario:
     connections: int
     duration_s: float
     build: RequestBuilder
+    rounds: int = 1  # slices per target, alternating between targets; the result merges them
 
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
@@ -200,7 +205,7 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         Scenario("get", "GET /sessions/{id}", n, d, _gets),
         Scenario("incr", "POST .../request context.incr", n, d, _incrs),
         Scenario("mixed", "mix 80% GET / 20% incr", n, d, _mixed),
-        Scenario("incr-unloaded", "context.incr unloaded", 1, UNLOADED_DURATION_S, _incrs),
+        Scenario("incr-unloaded", "context.incr unloaded", 1, UNLOADED_SLICE_S, _incrs, rounds=UNLOADED_ROUNDS),
     ]
     if args.only:
         return [s for s in every if s.key in args.only]
@@ -271,29 +276,26 @@ def run_http(
     return merge_outcomes(results, duration_s), cpu, merge_errors(results)
 
 
-def run_scenarios(target: Target, pool: list[PoolEntry], tokens: list[str], ctx: Context) -> list[ScenarioResult]:
-    results = []
+def run_scenario(target: Target, scenario: Scenario, pool: list[PoolEntry], tokens: list[str], ctx: Context) -> ScenarioResult:
     host_header = f"{target.host}:{target.ports[0]}"
-    for scenario in scenarios(ctx.args):
-        ctx.out.write(f"  {target.name}: {scenario.label} ({scenario.connections} conns, {scenario.duration_s:g} s) ...")
-        ctx.out.flush()
-        outcome, cpu, extra = run_http(target, scenario.build(pool, tokens, host_header), scenario.connections, scenario.duration_s, ctx)
-        ctx.out.write(f" {outcome.rps:,.0f} req/s\n")
-        result = ScenarioResult(
-            target=target.name,
-            scenario=scenario.key,
-            label=scenario.label,
-            connections=scenario.connections,
-            generator=ctx.generator,
-            outcome=outcome,
-            cpu_s=with_other(cpu, outcome.loadgen_cpu_s),
-            processes={role: len(pids) for role, pids in target.roles.items()},
-            extra=extra,
-        )
-        ctx.results.write_scenario(result)
-        _warn_if_generator_bound(result, ctx)
-        results.append(result)
-    return results
+    ctx.out.write(f"  {target.name}: {scenario.label} ({scenario.connections} conns, {scenario.duration_s:g} s) ...")
+    ctx.out.flush()
+    outcome, cpu, extra = run_http(target, scenario.build(pool, tokens, host_header), scenario.connections, scenario.duration_s, ctx)
+    ctx.out.write(f" {outcome.rps:,.0f} req/s\n")
+    result = ScenarioResult(
+        target=target.name,
+        scenario=scenario.key,
+        label=scenario.label,
+        connections=scenario.connections,
+        generator=ctx.generator,
+        outcome=outcome,
+        cpu_s=with_other(cpu, outcome.loadgen_cpu_s),
+        processes={role: len(pids) for role, pids in target.roles.items()},
+        extra=extra,
+    )
+    ctx.results.write_scenario(result)
+    _warn_if_generator_bound(result, ctx)
+    return result
 
 
 def _warn_if_generator_bound(result: ScenarioResult, ctx: Context) -> None:
@@ -370,6 +372,16 @@ def run_send_text(target: Target, pool: list[PoolEntry], ctx: Context) -> list[S
 # ---- reports ----------------------------------------------------------------------------------------
 
 
+def print_direct_ratio(system: list[ScenarioResult], direct: list[ScenarioResult], ctx: Context) -> None:
+    gateway = next((r for r in system if r.scenario == "incr"), None)
+    nats64 = next((r for r in direct if r.connections == 64), None)
+    if gateway is None or nats64 is None or gateway.outcome.rps <= 0:
+        return
+    ratio = nats64.outcome.rps / gateway.outcome.rps
+    ctx.out.write(f"direct NATS context.incr at 64 in flight / through the gateway at 64 connections: {ratio:.2f}x\n")
+    ctx.results.write("ratio", {"scenario": "nats-direct/incr", "connections": 64, "rps_ratio": round(ratio, 3)})
+
+
 def print_ratios(system: list[ScenarioResult], baseline: list[ScenarioResult], ctx: Context) -> None:
     by_key = {r.scenario: r for r in baseline}
     ctx.out.write("\nsystem / baseline\nscenario                        conns  req/s ratio  p50 ratio\n")
@@ -387,6 +399,13 @@ def print_ratios(system: list[ScenarioResult], baseline: list[ScenarioResult], c
             f"unloaded p50 ({mine.label}, 1 connection): system {mine.outcome.p50_ms:.2f} ms, "
             f"baseline {theirs.outcome.p50_ms:.2f} ms, ratio {mine.outcome.p50_ms / max(theirs.outcome.p50_ms, 1e-9):.2f}x\n"
         )
+        pairs = list(zip(mine.extra.get("round_p50_ms", []), theirs.extra.get("round_p50_ms", []), strict=False))
+        if len(pairs) > 1:
+            per_round = [a / b for a, b in pairs if b > 0]
+            ctx.out.write(
+                f"  by slice (system and baseline alternating): {', '.join(f'{r:.2f}x' for r in per_round)}; "
+                f"median {statistics.median(per_round):.2f}x\n"
+            )
     ctx.out.flush()
 
 
@@ -452,14 +471,50 @@ def external_target(args: argparse.Namespace) -> Target:
     return Target("system", host, [port], {}, nats_url=args.nats_url)
 
 
-def bench_target(target: Target, secret: str, ctx: Context) -> tuple[list[ScenarioResult], list[PoolEntry]]:
+def merge_rounds(rounds: list[ScenarioResult]) -> ScenarioResult:
+    """One result from a scenario's slices: counts and CPU summed, percentiles the median slice's."""
+    if len(rounds) == 1:
+        return rounds[0]
+    outcomes = [r.outcome for r in rounds]
+    cpu: dict[str, float] = {}
+    for r in rounds:
+        for role, seconds in r.cpu_s.items():
+            cpu[role] = round(cpu.get(role, 0.0) + seconds, 2)
+    merged = LoadOutcome(
+        requests=sum(o.requests for o in outcomes),
+        status_errors=sum(o.status_errors for o in outcomes),
+        transport_errors=sum(o.transport_errors for o in outcomes),
+        duration_s=sum(o.duration_s for o in outcomes),
+        p50_ms=statistics.median(o.p50_ms for o in outcomes),
+        p99_ms=statistics.median(o.p99_ms for o in outcomes),
+        p999_ms=statistics.median(o.p999_ms for o in outcomes),
+        loadgen_cpu_s=round(sum(o.loadgen_cpu_s for o in outcomes), 2),
+    )
+    first = rounds[0]
+    extra = {**first.extra, "round_p50_ms": [round(o.p50_ms, 3) for o in outcomes]}
+    return ScenarioResult(first.target, first.scenario, first.label, first.connections, first.generator, merged, cpu, first.processes, extra)
+
+
+def bench_targets(targets: list[Target], secret: str, ctx: Context) -> tuple[dict[str, list[ScenarioResult]], dict[str, list[PoolEntry]]]:
+    """Each scenario runs on every target back to back (system, then baseline), so a ratio
+    compares runs seconds apart: this machine's speed drifts by tens of percent over minutes."""
     tokens = user_tokens(secret, ctx.args.sessions)
-    pool = create_pool(target, tokens, ctx.args.sessions, ctx.args.timeout)
-    ctx.out.write(f"{target.name}: {len(pool)} sessions pre-created for {len(tokens)} users\n")
-    results = run_scenarios(target, pool, tokens, ctx)
-    print_table(f"{target.name}, load from {ctx.generator}", results, ctx.out)
-    redis_footprint(target, ctx)
-    return results, pool
+    pools: dict[str, list[PoolEntry]] = {}
+    for target in targets:
+        pools[target.name] = create_pool(target, tokens, ctx.args.sessions, ctx.args.timeout)
+        ctx.out.write(f"{target.name}: {len(pools[target.name])} sessions pre-created for {len(tokens)} users\n")
+    results: dict[str, list[ScenarioResult]] = {target.name: [] for target in targets}
+    for scenario in scenarios(ctx.args):
+        slices: dict[str, list[ScenarioResult]] = {target.name: [] for target in targets}
+        for _ in range(scenario.rounds):
+            for target in targets:
+                slices[target.name].append(run_scenario(target, scenario, pools[target.name], tokens, ctx))
+        for target in targets:
+            results[target.name].append(merge_rounds(slices[target.name]))
+    for target in targets:
+        print_table(f"{target.name}, load from {ctx.generator}", results[target.name], ctx.out)
+        redis_footprint(target, ctx)
+    return results, pools
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
@@ -483,19 +538,20 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     try:
         target = external_target(args) if args.url else system.start()
         out.write(f"system ready: gateway(s) on port(s) {', '.join(map(str, target.ports))}, all shards covered\n")
-        system_results, pool = bench_target(target, secret, ctx)
-        all_results += system_results
-        all_results += run_send_text(target, pool, ctx)
+        targets = [target]
+        if args.baseline:
+            targets.append(baseline.start())
+            out.write(f"baseline ready on port {targets[1].ports[0]}\n")
+        results, pools = bench_targets(targets, secret, ctx)
+        all_results += [r for rs in results.values() for r in rs]
+        if args.baseline:
+            print_ratios(results[target.name], results[targets[1].name], ctx)
+        all_results += run_send_text(target, pools[target.name], ctx)
         if args.nats_direct:
-            nats_results = run_nats_direct(target, pool, ctx)
+            nats_results = run_nats_direct(target, pools[target.name], ctx)
             all_results += nats_results
             print_table("NATS direct (nats-py request/reply in its own process; connections = requests in flight)", nats_results, out)
-        if args.baseline:
-            base_target = baseline.start()
-            out.write(f"baseline ready on port {base_target.ports[0]}\n")
-            baseline_results, _ = bench_target(base_target, secret, ctx)
-            all_results += baseline_results
-            print_ratios(system_results, baseline_results, ctx)
+            print_direct_ratio(results[target.name], nats_results, ctx)
     finally:
         stopping = time.monotonic()
         for note in [*baseline.stop(), *system.stop()]:
