@@ -28,6 +28,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from sessionmgr.common.ids import is_valid_session_id, new_request_id
+from sessionmgr.common.tracing import unsampled_root_span
 from sessionmgr.gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
 
 log = structlog.get_logger("sessionmgr.gateway.requests")
@@ -119,12 +120,14 @@ def instrument_http(
         span = None
         if not quiet:
             carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ()) if k in _TRACE_HEADERS}
-            span = tracer.start_span(
-                method,  # renamed "<method> <route>" once routing has found the route
-                context=propagate.extract(carrier) if carrier else _NO_PARENT,
-                kind=SpanKind.SERVER,
-                attributes={"http.request.method": method, "url.path": path},
-            )
+            span = None if carrier else unsampled_root_span(tracer)
+            if span is None:
+                span = tracer.start_span(
+                    method,  # renamed "<method> <route>" once routing has found the route
+                    context=propagate.extract(carrier) if carrier else _NO_PARENT,
+                    kind=SpanKind.SERVER,
+                    attributes={"http.request.method": method, "url.path": path},
+                )
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, error_code
