@@ -118,28 +118,29 @@ def _unsampled_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | 
 def consumer_span(tracer: Tracer, name: str, headers: Mapping[str, str] | None, attributes: Mapping[str, AttributeValue]) -> Iterator[trace.Span]:
     """A CONSUMER span for a message, continuing the trace its headers carry.
 
-    Inside a trace the sender did not sample, parent-based sampling would drop the span anyway:
-    then the non-recording span the SDK would have made (same trace ID, a new span ID) is built
-    directly, without the sampler and span machinery (together about 8 % of a worker's CPU per
-    request), so log lines and messages sent on still carry the trace.
+    When the sampler would drop the span anyway (inside a trace the sender did not sample, with
+    parent-based sampling; or a new trace when new traces are not recorded, our default without
+    an exporter), the non-recording span the SDK would have made (same trace ID or a new one, a
+    new span ID) is built directly, without the sampler and span machinery (together about 8 %
+    of a worker's CPU per request), so log lines and messages sent on still carry the trace.
     """
     dropping = drops_unsampled_children(tracer)
-    parent_context = _unsampled_parent(headers) if dropping else None
+    parent = _unsampled_parent(headers) if dropping else None
     context = None
-    if parent_context is None:
-        context = extract_trace_context(headers)  # type: ignore[arg-type]
-        parent_context = trace.get_current_span(context).get_span_context()
-    if dropping and parent_context.is_valid and not parent_context.trace_flags.sampled:
-        # What the SDK would make for a dropped span, minus the sampler call and the span machinery.
+    if parent is None:
+        if headers and ("traceparent" in headers or "baggage" in headers):
+            context = extract_trace_context(headers)  # type: ignore[arg-type]
+        parent = trace.get_current_span(context).get_span_context() if context is not None else trace.INVALID_SPAN_CONTEXT
+    span: trace.Span | None = None
+    if not parent.is_valid:
+        span = unsampled_root_span(tracer)
+    elif dropping and not parent.trace_flags.sampled:
         span = trace.NonRecordingSpan(
             trace.SpanContext(
-                parent_context.trace_id,
-                random.getrandbits(64) or 1,
-                is_remote=False,
-                trace_flags=parent_context.trace_flags,
-                trace_state=parent_context.trace_state,
+                parent.trace_id, random.getrandbits(64) or 1, is_remote=False, trace_flags=parent.trace_flags, trace_state=parent.trace_state
             )
         )
+    if span is not None:
         token = otel_context.attach(trace.set_span_in_context(span, context))
         try:
             yield span

@@ -76,3 +76,21 @@ def test_a_new_trace_that_is_not_exported_gets_fresh_ids_without_a_recorded_span
 def test_with_an_exporter_new_traces_are_left_to_the_sdk() -> None:
     tracer = configure_tracing("test", exporter=Collect(), set_global=False).get_tracer("t")
     assert unsampled_root_span(tracer) is None
+
+
+def test_a_message_without_trace_context_starts_a_new_unrecorded_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    tracer = configure_tracing("test", set_global=False).get_tracer("t")
+    monkeypatch.setattr(tracing, "extract_trace_context", lambda _: pytest.fail("nothing to extract"))
+    with consumer_span(tracer, "op", {"Sm-User": "alice"}, {}) as first, consumer_span(tracer, "op", None, {}) as second:
+        assert not first.is_recording() and first.get_span_context().is_valid
+        assert first.get_span_context().trace_id != second.get_span_context().trace_id
+
+
+def test_without_trace_context_and_an_exporter_the_message_gets_a_recorded_root_span() -> None:
+    exporter = Collect()
+    provider = configure_tracing("test", exporter=exporter, set_global=False)
+    with consumer_span(provider.get_tracer("t"), "op", {}, {}) as span:
+        assert span.is_recording()
+    provider.force_flush()
+    (recorded,) = exporter.spans
+    assert recorded.parent is None
