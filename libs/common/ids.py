@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import random
 import re
 import secrets
 
@@ -37,7 +38,10 @@ def new_session_id() -> str:
 
 
 def new_request_id() -> str:
-    return secrets.token_hex(12)
+    """24 hex characters, unique but not secret (request and event IDs, deduplication keys):
+    the process's Mersenne Twister (seeded from the OS at start-up) instead of a system call
+    for each of the two or three IDs a request makes."""
+    return f"{random.getrandbits(96):024x}"
 
 
 def session_id_for_key(secret: str, user_id: str, idempotency_key: str) -> str:

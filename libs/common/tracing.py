@@ -13,7 +13,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from opentelemetry import context as otel_context
@@ -115,7 +115,9 @@ def _unsampled_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | 
 
 
 @contextmanager
-def consumer_span(tracer: Tracer, name: str, headers: Mapping[str, str] | None, attributes: Mapping[str, AttributeValue]) -> Iterator[trace.Span]:
+def consumer_span(
+    tracer: Tracer, name: str, headers: Mapping[str, str] | None, attributes: Callable[[], Mapping[str, AttributeValue]]
+) -> Iterator[trace.Span]:
     """A CONSUMER span for a message, continuing the trace its headers carry.
 
     When the sampler would drop the span anyway (inside a trace the sender did not sample, with
@@ -123,6 +125,7 @@ def consumer_span(tracer: Tracer, name: str, headers: Mapping[str, str] | None, 
     an exporter), the non-recording span the SDK would have made (same trace ID or a new one, a
     new span ID) is built directly, without the sampler and span machinery (together about 8 %
     of a worker's CPU per request), so log lines and messages sent on still carry the trace.
+    ``attributes`` is called only for a span that is recorded.
     """
     dropping = drops_unsampled_children(tracer)
     parent = _unsampled_parent(headers) if dropping else None
@@ -147,7 +150,7 @@ def consumer_span(tracer: Tracer, name: str, headers: Mapping[str, str] | None, 
         finally:
             otel_context.detach(token)
         return
-    with tracer.start_as_current_span(name, context=context, kind=SpanKind.CONSUMER, attributes=attributes) as span:
+    with tracer.start_as_current_span(name, context=context, kind=SpanKind.CONSUMER, attributes=attributes()) as span:
         yield span
 
 

@@ -83,6 +83,7 @@ _STORAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, Tim
 class Worker:
     def __init__(self, settings: Settings, worker_id: str) -> None:
         self.settings = settings
+        self._debug_logs = settings.log_level.upper() == "DEBUG"
         self.worker_id = worker_id
         self._slots = asyncio.Semaphore(settings.worker_max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -216,15 +217,19 @@ class Worker:
         outcome = "ok"
         error_code = None
         trace_ids: dict[str, str] = {}
+        # One canonical line per request, written where it entered: a request from the gateway
+        # is logged there (with this worker's ID); one sent straight over NATS is logged here.
+        logged_here = not headers.get(bus.HEADER_LOGGED_BY)
         try:
             request_id = headers.get(bus.HEADER_REQUEST_ID) or msg.reply.rsplit(".", 1)[-1][:24] or "-"
             structlog.contextvars.bind_contextvars(session_id=session_id, request_id=request_id, op=op)
             # Inside an unsampled trace (the default) no real span is made: see consumer_span.
             with consumer_span(
                 tracer, f"sm.shard {op}", headers,
-                {"messaging.system": "nats", "session.id": session_id, "sm.op": op, "sm.worker_id": self.worker_id},
+                lambda: {"messaging.system": "nats", "session.id": session_id, "sm.op": op, "sm.worker_id": self.worker_id},
             ) as span:
-                trace_ids = log_ids(span)  # for request_handled, logged after the span has ended
+                if logged_here or self._debug_logs:
+                    trace_ids = log_ids(span)  # for request_handled, logged after the span has ended
                 try:
                     call = self._call_from_headers(headers, session_id, op, msg.data, request_id)
                     await self._check_lease()
@@ -252,9 +257,7 @@ class Worker:
         finally:
             duration = time.perf_counter() - started
             self.metrics.observe_request(op, duration, error_code)
-            # One canonical line per request, written where it entered: a request from the gateway
-            # is logged there (with this worker's ID); one sent straight over NATS is logged here.
-            emit = log.debug if headers.get(bus.HEADER_LOGGED_BY) else log.info
+            emit = log.info if logged_here else log.debug
             emit("request_handled", outcome=outcome, error_code=error_code, duration_ms=round(duration * 1000, 2), **trace_ids)
             structlog.contextvars.unbind_contextvars("session_id", "request_id", "op")
 

@@ -35,7 +35,7 @@ def test_an_unsampled_caller_gets_a_non_recording_span_in_its_trace(headers: dic
     tracer = configure_tracing("test", set_global=False).get_tracer("t")  # no exporter: parent-based, off
     if "tracestate" not in headers:  # the common case skips the propagator altogether
         monkeypatch.setattr(tracing, "extract_trace_context", lambda _: pytest.fail("took the slow path"))
-    with consumer_span(tracer, "op", headers, {}) as span:
+    with consumer_span(tracer, "op", headers, dict) as span:
         context = span.get_span_context()
         assert not span.is_recording()
         assert format(context.trace_id, "032x") == TRACE_ID
@@ -48,7 +48,7 @@ def test_an_unsampled_caller_gets_a_non_recording_span_in_its_trace(headers: dic
 @pytest.mark.parametrize("traceparent", ["00-" + "0" * 32 + f"-{PARENT}-00", f"00-{TRACE_ID.upper()}-{PARENT}-00", "garbage"])
 def test_an_invalid_traceparent_starts_no_trace_of_the_callers(traceparent: str) -> None:
     tracer = configure_tracing("test", set_global=False).get_tracer("t")
-    with consumer_span(tracer, "op", {"traceparent": traceparent}, {}) as span:
+    with consumer_span(tracer, "op", {"traceparent": traceparent}, dict) as span:
         assert format(span.get_span_context().trace_id, "032x") != TRACE_ID.lower()
         assert not span.is_recording()
 
@@ -56,7 +56,7 @@ def test_an_invalid_traceparent_starts_no_trace_of_the_callers(traceparent: str)
 def test_a_sampled_caller_gets_a_recorded_child_span() -> None:
     exporter = Collect()
     provider = configure_tracing("test", exporter=exporter, set_global=False)
-    with consumer_span(provider.get_tracer("t"), "op", {"traceparent": f"00-{TRACE_ID}-{PARENT}-01"}, {"sm.op": "x"}) as span:
+    with consumer_span(provider.get_tracer("t"), "op", {"traceparent": f"00-{TRACE_ID}-{PARENT}-01"}, lambda: {"sm.op": "x"}) as span:
         assert span.is_recording()
     provider.force_flush()
     (recorded,) = exporter.spans
@@ -81,7 +81,7 @@ def test_with_an_exporter_new_traces_are_left_to_the_sdk() -> None:
 def test_a_message_without_trace_context_starts_a_new_unrecorded_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     tracer = configure_tracing("test", set_global=False).get_tracer("t")
     monkeypatch.setattr(tracing, "extract_trace_context", lambda _: pytest.fail("nothing to extract"))
-    with consumer_span(tracer, "op", {"Sm-User": "alice"}, {}) as first, consumer_span(tracer, "op", None, {}) as second:
+    with consumer_span(tracer, "op", {"Sm-User": "alice"}, dict) as first, consumer_span(tracer, "op", None, dict) as second:
         assert not first.is_recording() and first.get_span_context().is_valid
         assert first.get_span_context().trace_id != second.get_span_context().trace_id
 
@@ -89,7 +89,7 @@ def test_a_message_without_trace_context_starts_a_new_unrecorded_trace(monkeypat
 def test_without_trace_context_and_an_exporter_the_message_gets_a_recorded_root_span() -> None:
     exporter = Collect()
     provider = configure_tracing("test", exporter=exporter, set_global=False)
-    with consumer_span(provider.get_tracer("t"), "op", {}, {}) as span:
+    with consumer_span(provider.get_tracer("t"), "op", {}, dict) as span:
         assert span.is_recording()
     provider.force_flush()
     (recorded,) = exporter.spans
