@@ -170,10 +170,12 @@ class ResultsFile:
         with self.path.open("a") as fh:
             fh.write(json.dumps(line, sort_keys=True) + "\n")
 
-    def write_scenario(self, result: ScenarioResult) -> None:
+    def write_scenario(self, result: ScenarioResult, kind: str = "scenario") -> None:
+        """``kind="slice"`` for one slice of a scenario that runs in alternating slices; the
+        merged result is then written as the ``scenario``."""
         record = asdict(result)
         outcome = record.pop("outcome")
         record.update({k: round(v, 3) if isinstance(v, float) else v for k, v in outcome.items()})
         record["rps"] = round(result.outcome.rps, 1)
         record["errors"] = result.outcome.errors
-        self.write("scenario", record)
+        self.write(kind, record)

@@ -293,7 +293,7 @@ def run_scenario(target: Target, scenario: Scenario, pool: list[PoolEntry], toke
         processes={role: len(pids) for role, pids in target.roles.items()},
         extra=extra,
     )
-    ctx.results.write_scenario(result)
+    ctx.results.write_scenario(result, kind="slice" if scenario.rounds > 1 else "scenario")
     _warn_if_generator_bound(result, ctx)
     return result
 
@@ -511,6 +511,8 @@ def bench_targets(targets: list[Target], secret: str, ctx: Context) -> tuple[dic
                 slices[target.name].append(run_scenario(target, scenario, pools[target.name], tokens, ctx))
         for target in targets:
             results[target.name].append(merge_rounds(slices[target.name]))
+            if scenario.rounds > 1:
+                ctx.results.write_scenario(results[target.name][-1])
     for target in targets:
         print_table(f"{target.name}, load from {ctx.generator}", results[target.name], ctx.out)
         redis_footprint(target, ctx)

@@ -205,17 +205,16 @@ class _WriteBatcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self._queue:
-            loop.call_soon(self._start, context=self._context)
+            # The task's first step runs after the rest of this loop pass: it then takes every
+            # write submitted until then (one hop, not a callback that starts a task: two).
+            task = loop.create_task(self._flush(), context=self._context)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         self._queue.append((keys, args, future))
         return future
 
-    def _start(self) -> None:
+    async def _flush(self) -> None:
         batch, self._queue = self._queue, []
-        task = asyncio.get_running_loop().create_task(self._flush(batch), context=self._context)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _flush(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any]]]) -> None:
         if len(batch) == 1:
             keys, args, future = batch[0]
             try:
