@@ -7,6 +7,7 @@ import sys
 import uvicorn
 
 from sessionmgr.common.logging import configure_logging
+from sessionmgr.common.runtime import tune_gc
 from sessionmgr.common.settings import SettingsError, load_settings
 from sessionmgr.common.tls import server_tls_options
 from sessionmgr.common.tracing import configure_tracing
@@ -20,9 +21,11 @@ def main() -> None:
         sys.exit(f"gateway: {exc}")
     configure_logging(settings, "gateway")
     provider = configure_tracing(f"{settings.service_name}-gateway")
+    app = create_app(settings)
+    tune_gc()
     try:
         uvicorn.run(
-            create_app(settings),
+            app,
             host=settings.host,
             port=settings.port,
             loop="uvloop",
