@@ -202,7 +202,14 @@ class HeartbeatWatch:
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
 
     async def wait_covered(self, shard_count: int, workers: set[str] | None = None, timeout: float = 20.0) -> None:
-        """Every shard served by exactly one live worker (of ``workers`` when given)."""
+        """Every shard served by exactly one live worker (of ``workers`` when given), as the
+        current shard map says.
+
+        Heartbeats alone are not enough: a worker's last one can predate a map change (a join
+        right after start-up, a kill right after a join), and then it still lists shards the map
+        has given away; the test would go on before the move it waits for has happened.
+        """
+        deadline = time.monotonic() + timeout
 
         def covered(live: dict[str, Heartbeat]) -> bool:
             if workers is not None and not workers <= set(live):
@@ -210,7 +217,26 @@ class HeartbeatWatch:
             owners = [s for wid, b in live.items() if workers is None or wid in workers for s in b.shards]
             return sorted(owners) == list(range(shard_count))
 
-        await self.wait_until(covered, timeout, what=f"all {shard_count} shards covered")
+        while True:
+            await self.wait_until(covered, max(deadline - time.monotonic(), 0.0), what=f"all {shard_count} shards covered")
+            if await self._heartbeats_match_map(workers):
+                return
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"heartbeats never matched the shard map; live: { {w: b.shards for w, b in self.live().items()} }")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(max(deadline - time.monotonic(), 0.0), 0.5))
+
+    async def _heartbeats_match_map(self, workers: set[str] | None) -> bool:
+        try:
+            shard_map = await read_shard_map(self._nc)
+        except Exception:  # noqa: BLE001 - no map yet, or NATS coming back: not settled
+            return False
+        for wid, beat in self.live().items():
+            if workers is None or wid in workers:
+                if sorted(beat.shards) != [i for i, e in enumerate(shard_map.shards) if e.owner == wid]:
+                    return False
+        return True
 
 
 async def read_shard_map(nc: NATS):  # type: ignore[no-untyped-def]
