@@ -35,7 +35,7 @@ async def cluster(servers: Servers) -> AsyncIterator[Cluster]:
         names = {cl.start_worker(), cl.start_worker()}
         async with nats_client(servers.nats_url) as nc:
             watch = await HeartbeatWatch(nc, settings.failure_timeout).start()
-            await watch.wait_covered(settings.shard_count, names)
+            await watch.wait_covered(settings.shard_count, names, each_serves=True)
             await watch.stop()
         yield cl
     finally:
@@ -100,7 +100,9 @@ async def make_cluster(isolated_servers: Servers) -> AsyncIterator:
             names = {cl.start_worker() for _ in range(workers)}
             watch = await HeartbeatWatch(nc, settings.failure_timeout).start()
             watches.append(watch)
-            await watch.wait_covered(settings.shard_count, names)
+            # Settled: each worker has joined the map (rendezvous hashing leaves none of up to
+            # a few dozen workers without a shard of 64), not just the first one seen.
+            await watch.wait_covered(settings.shard_count, names, each_serves=len(names) <= settings.shard_count // 8)
             return cl, watch, nc
 
         try:

@@ -201,9 +201,11 @@ class HeartbeatWatch:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
 
-    async def wait_covered(self, shard_count: int, workers: set[str] | None = None, timeout: float = 20.0) -> None:
+    async def wait_covered(
+        self, shard_count: int, workers: set[str] | None = None, timeout: float = 20.0, *, each_serves: bool = False
+    ) -> None:
         """Every shard served by exactly one live worker (of ``workers`` when given), as the
-        current shard map says.
+        current shard map says; with ``each_serves``, every one of ``workers`` serves some.
 
         Heartbeats alone are not enough: a worker's last one can predate a map change (a join
         right after start-up, a kill right after a join), and then it still lists shards the map
@@ -213,6 +215,8 @@ class HeartbeatWatch:
 
         def covered(live: dict[str, Heartbeat]) -> bool:
             if workers is not None and not workers <= set(live):
+                return False
+            if each_serves and workers is not None and any(not live[w].shards for w in workers):
                 return False
             owners = [s for wid, b in live.items() if workers is None or wid in workers for s in b.shards]
             return sorted(owners) == list(range(shard_count))
