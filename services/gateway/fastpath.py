@@ -24,8 +24,9 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from sessionmgr.common.models import ActionBody
 from sessionmgr.gateway.guards import authenticate_and_limit_request
-from sessionmgr.gateway.problems import PROBLEM_MEDIA_TYPE, problem_for
-from sessionmgr.gateway.routes import RouteReply, fetch_session, run_session_action
+from sessionmgr.gateway.problems import problem_for
+from sessionmgr.gateway.replies import HttpReply
+from sessionmgr.gateway.routes import fetch_session, require_reader, run_session_action
 from sessionmgr.gateway.state import GatewayState
 
 # The route templates Litestar puts in scope["path_template"] for these handlers (metrics, spans, logs).
@@ -83,14 +84,14 @@ def serve_hot_routes(app: ASGIApp, state: GatewayState, *, cors: bool = False) -
         scope["path_template"] = route
         scope["path_params"] = {"session_id": session_id}
         try:
-            await authenticate_and_limit_request(state, headers.get("authorization"), method=method, path=path)
+            # Authenticated once: the Litestar handlers look the token up again in the cache.
+            principal = require_reader(await authenticate_and_limit_request(state, headers.get("authorization"), method=method, path=path))
             if data is None:
-                reply = await fetch_session(state, headers, session_id)
+                reply = await fetch_session(state, principal, headers, session_id)
             else:
-                reply = await run_session_action(state, headers, session_id, data)
+                reply = await run_session_action(state, principal, headers, session_id, data)
         except Exception as exc:  # noqa: BLE001 - every error becomes a problem, as Litestar's handlers do
-            problem = problem_for(exc, path)
-            reply = RouteReply(problem.status, problem.body, problem.headers, PROBLEM_MEDIA_TYPE)
+            reply = problem_for(exc, path)
         await _send_reply(send, reply)
 
     return handle
@@ -131,7 +132,7 @@ def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
     return replay  # type: ignore[return-value]
 
 
-async def _send_reply(send: Send, reply: RouteReply) -> None:
+async def _send_reply(send: Send, reply: HttpReply) -> None:
     # As Litestar's Response encodes it: the route's headers, then content-type and content-length.
     raw = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers.items()]
     if reply.media_type is not None:

@@ -1,7 +1,7 @@
 """Runs before every session route: authenticate (loading JWKS keys off the loop), then rate limit.
 
-The handlers authenticate again through the verifier's token cache, so this costs one dict lookup
-there; it runs first so that 401 and 429 come before any body is parsed or any message is sent.
+The Litestar handlers authenticate again through the verifier's token cache (one dict lookup);
+the fast path uses the principal this returns. It runs first so that 401 and 429 come before any body is parsed or any message is sent.
 
 Three entry points with one body, :func:`authenticate_and_limit_request`: a ``before_request``
 hook, :func:`authenticate_before_request` (it runs before Litestar parses the handler's
@@ -15,16 +15,18 @@ from __future__ import annotations
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
+from sessionmgr.gateway.auth import Principal
 from sessionmgr.gateway.state import GatewayState
 
 
-async def authenticate_and_limit_request(state: GatewayState, authorization: str | None, *, method: str, path: str) -> None:
-    """Raise 401 (bad token), 429 (rate limited) or 409 (session cap), or return if allowed."""
+async def authenticate_and_limit_request(state: GatewayState, authorization: str | None, *, method: str, path: str) -> Principal:
+    """The caller; or raise 401 (bad token), 429 (rate limited) or 409 (session cap)."""
     await state.verifier.prepare(authorization)
     principal = state.verifier.authenticate(authorization)
     if state.limiter is not None:
         create = method == "POST" and path.rstrip("/") == "/sessions"
         await state.limiter.check(principal.user_id, create=create)
+    return principal
 
 
 async def authenticate_before_request(connection: ASGIConnection) -> None:  # type: ignore[type-arg]

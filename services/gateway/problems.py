@@ -6,17 +6,16 @@ handlers and the fast path (:mod:`sessionmgr.gateway.fastpath`) both answer with
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
 
 from sessionmgr.common.errors import SessionManagerError
 from sessionmgr.common.models import Problem, json_encoder
+from sessionmgr.gateway.openapi_errors import PROBLEM_MEDIA_TYPE
+from sessionmgr.gateway.replies import HttpReply, to_response
 
 log = structlog.get_logger(__name__)
-PROBLEM_MEDIA_TYPE = "application/problem+json"
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -31,20 +30,12 @@ _HTTP_CODES = {
 }
 
 
-class ProblemReply(NamedTuple):
-    """A problem+json answer, independent of how it is sent."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str]
-
-
-def problem_reply(status: int, code: str, title: str, detail: str, instance: str | None = None, headers: dict[str, str] | None = None) -> ProblemReply:
+def problem_reply(status: int, code: str, title: str, detail: str, instance: str | None = None, headers: dict[str, str] | None = None) -> HttpReply:
     body = Problem(type=f"https://session-manager.dev/problems/{code}", title=title, status=status, detail=detail, code=code, instance=instance)
-    return ProblemReply(status, json_encoder.encode(body), dict(headers or {}))
+    return HttpReply(status, json_encoder.encode(body), dict(headers or {}), PROBLEM_MEDIA_TYPE)
 
 
-def _domain_problem(exc: SessionManagerError, instance: str) -> ProblemReply:
+def _domain_problem(exc: SessionManagerError, instance: str) -> HttpReply:
     headers: dict[str, str] = {}
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="session-manager", error="invalid_token"'
@@ -55,7 +46,7 @@ def _domain_problem(exc: SessionManagerError, instance: str) -> ProblemReply:
     return problem_reply(exc.status, exc.code, exc.title, exc.detail, instance, headers)
 
 
-def _validation_problem(exc: ValidationException, instance: str) -> ProblemReply:
+def _validation_problem(exc: ValidationException, instance: str) -> HttpReply:
     detail = exc.detail
     if isinstance(exc.extra, list) and exc.extra:
         parts = [f"{e.get('key') or 'body'}: {e.get('message')}" if isinstance(e, dict) else str(e) for e in exc.extra]
@@ -63,7 +54,7 @@ def _validation_problem(exc: ValidationException, instance: str) -> ProblemReply
     return problem_reply(400, "validation_error", "Request failed validation", detail, instance)
 
 
-def _http_problem(exc: HTTPException, instance: str) -> ProblemReply:
+def _http_problem(exc: HTTPException, instance: str) -> HttpReply:
     status = exc.status_code
     if isinstance(exc, NotAuthorizedException):
         status = 401
@@ -74,7 +65,7 @@ def _http_problem(exc: HTTPException, instance: str) -> ProblemReply:
     return problem_reply(status, code, code.replace("_", " ").capitalize(), exc.detail or code, instance, exc.headers)
 
 
-def _unexpected_problem(exc: Exception, instance: str) -> ProblemReply:
+def _unexpected_problem(exc: Exception, instance: str) -> HttpReply:
     if isinstance(exc, RecursionError):
         # A body nested thousands of levels deep exhausts the decoder's stack: the client's fault.
         return problem_reply(400, "validation_error", "Request failed validation", "JSON nested too deeply", instance)
@@ -82,7 +73,7 @@ def _unexpected_problem(exc: Exception, instance: str) -> ProblemReply:
     return problem_reply(500, "internal_error", "Internal error", "the server could not complete the request", instance)
 
 
-def problem_for(exc: Exception, instance: str) -> ProblemReply:
+def problem_for(exc: Exception, instance: str) -> HttpReply:
     """The problem for any exception; ``instance`` is the request's path."""
     if isinstance(exc, SessionManagerError):
         return _domain_problem(exc, instance)
@@ -93,12 +84,8 @@ def problem_for(exc: Exception, instance: str) -> ProblemReply:
     return _unexpected_problem(exc, instance)
 
 
-def _to_response(problem: ProblemReply) -> Response[bytes]:
-    return Response(problem.body, status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE, headers=problem.headers or None)
-
-
 def handle_exception(request: Request, exc: Exception) -> Response[bytes]:  # type: ignore[type-arg]
-    return _to_response(problem_for(exc, request.url.path))
+    return to_response(problem_for(exc, request.url.path))
 
 
 EXCEPTION_HANDLERS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from typing import Annotated, NamedTuple
+from typing import Annotated
 
 import msgspec
 import segno
@@ -38,6 +38,7 @@ from sessionmgr.common.models import (
 )
 from sessionmgr.gateway.auth import Principal
 from sessionmgr.gateway.guards import authenticate_before_request
+from sessionmgr.gateway.replies import HttpReply, to_response
 from sessionmgr.gateway.state import GatewayState
 
 JSON = "application/json"
@@ -60,26 +61,16 @@ def render_qr_png(payload: str) -> bytes:
     return buffer.getvalue()
 
 
-class RouteReply(NamedTuple):
-    """An answer of a session route, independent of how it is sent (Litestar or the fast path)."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str]
-    media_type: str | None  # None: no body (204)
-
-
 def _state(request: Request) -> GatewayState:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
 def _principal(request: Request) -> Principal:
-    return authorize_reader(_state(request), request.headers)
+    return require_reader(_state(request).verifier.authenticate(request.headers.get("authorization")))
 
 
-def authorize_reader(state: GatewayState, headers: Mapping[str, str]) -> Principal:
-    """The caller, who must hold a sessions scope (``headers``: lower-case names)."""
-    principal = state.verifier.authenticate(headers.get("authorization"))
+def require_reader(principal: Principal) -> Principal:
+    """``principal``, if it holds a sessions scope."""
     if not principal.can_read:
         raise ForbiddenError("this token has no sessions scope (sessions:read, sessions:write or sessions:admin)")
     return principal
@@ -124,14 +115,10 @@ def _if_match(request: Request) -> str | None:
 
 
 def _reply(msg_data: bytes, headers: dict[str, str] | None, *, session_id: str | None = None, extra: dict[str, str] | None = None) -> Response[bytes]:
-    return _to_response(reply_from_worker(msg_data, headers, session_id=session_id, extra=extra))
+    return to_response(reply_from_worker(msg_data, headers, session_id=session_id, extra=extra))
 
 
-def _to_response(reply: RouteReply) -> Response[bytes]:
-    return Response(reply.body, status_code=reply.status, media_type=reply.media_type or JSON, headers=reply.headers)
-
-
-def reply_from_worker(msg_data: bytes, headers: dict[str, str] | None, *, session_id: str | None = None, extra: dict[str, str] | None = None) -> RouteReply:
+def reply_from_worker(msg_data: bytes, headers: dict[str, str] | None, *, session_id: str | None = None, extra: dict[str, str] | None = None) -> HttpReply:
     """The HTTP answer to a worker's reply: status from ``Sm-Status``, ETag, Location, stale warning."""
     headers = headers or {}
     status = int(headers.get(bus.HEADER_STATUS, "200"))
@@ -145,8 +132,8 @@ def reply_from_worker(msg_data: bytes, headers: dict[str, str] | None, *, sessio
         out["Warning"] = '110 - "Response is Stale"'
         out["X-Session-Stale"] = "true"
     if status == 204:
-        return RouteReply(204, b"", out, None)
-    return RouteReply(status, msg_data, out, JSON)
+        return HttpReply(204, b"", out, None)
+    return HttpReply(status, msg_data, out, JSON)
 
 
 async def _forward(request: Request, session_id: str, op: str, payload: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str] | None]:
@@ -162,16 +149,17 @@ async def _forward_to(state: GatewayState, session_id: str, op: str, payload: by
 # The two hot routes, shared by their Litestar handlers and the fast path (sessionmgr.gateway.fastpath).
 
 
-async def fetch_session(state: GatewayState, request_headers: Mapping[str, str], session_id: str) -> RouteReply:
-    principal = authorize_reader(state, request_headers)
+# ``principal`` has passed require_reader; ``request_headers`` have lower-case names.
+
+
+async def fetch_session(state: GatewayState, principal: Principal, request_headers: Mapping[str, str], session_id: str) -> HttpReply:
     _checked_session_id(session_id)
     headers = _base_headers(request_headers, principal, mutating=False)
     body, reply_headers = await _forward_to(state, session_id, subjects.OP_GET, b"", headers)
     return reply_from_worker(body, reply_headers, session_id=session_id)
 
 
-async def run_session_action(state: GatewayState, request_headers: Mapping[str, str], session_id: str, data: ActionBody) -> RouteReply:
-    principal = authorize_reader(state, request_headers)
+async def run_session_action(state: GatewayState, principal: Principal, request_headers: Mapping[str, str], session_id: str, data: ActionBody) -> HttpReply:
     _checked_session_id(session_id)
     if not is_valid_action(data.action) or data.action in subjects.SESSION_OPS:
         raise BadRequestError("action names are dotted lower-case words, for example context.incr")
@@ -230,7 +218,7 @@ class SessionController(Controller):
 
     @get("/{session_id:str}", summary="Get a session", responses={200: ResponseSpec(data_container=SessionView)})
     async def get_session(self, request: Request, session_id: FromPath[str]) -> Response[bytes]:
-        return _to_response(await fetch_session(_state(request), request.headers, session_id))
+        return to_response(await fetch_session(_state(request), _principal(request), request.headers, session_id))
 
     @put("/{session_id:str}", summary="Change state or metadata", responses={200: ResponseSpec(data_container=SessionView)})
     async def update_session(self, request: Request, session_id: FromPath[str], data: JSONBody[UpdateSessionBody]) -> Response[bytes]:
@@ -278,7 +266,7 @@ class SessionController(Controller):
 
     @post("/{session_id:str}/request", summary="Run an action in the session", responses={200: ResponseSpec(data_container=ActionResult)})
     async def run_action(self, request: Request, session_id: FromPath[str], data: JSONBody[ActionBody]) -> Response[bytes]:
-        return _to_response(await run_session_action(_state(request), request.headers, session_id, data))
+        return to_response(await run_session_action(_state(request), _principal(request), request.headers, session_id, data))
 
     @get(
         "/{session_id:str}/qr",
