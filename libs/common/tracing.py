@@ -95,6 +95,9 @@ def unsampled_root_span(tracer: Tracer) -> trace.Span | None:
     return trace.NonRecordingSpan(context)
 
 
+# Reading ``traceparent`` directly is right only with the SDK's default propagators (read once:
+# the SDK itself reads OTEL_PROPAGATORS once, at import).
+_DEFAULT_PROPAGATORS = os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage").replace(" ", "") == "tracecontext,baggage"
 # A W3C trace context; flags "00" or "02" (random trace ID, as the SDK sends) are unsampled.
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
@@ -105,8 +108,8 @@ def _unsampled_parent(headers: Mapping[str, str] | None) -> trace.SpanContext | 
     if not headers or "tracestate" in headers or "baggage" in headers:
         return None
     value = headers.get("traceparent")
-    match = _TRACEPARENT.fullmatch(value) if value else None
-    if match is None or os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage") != "tracecontext,baggage":
+    match = _TRACEPARENT.fullmatch(value) if value and _DEFAULT_PROPAGATORS else None
+    if match is None:
         return None
     trace_id, span_id, flags = int(match[1], 16), int(match[2], 16), int(match[3], 16)
     if not trace_id or not span_id or flags & trace.TraceFlags.SAMPLED:

@@ -235,7 +235,7 @@ class Worker:
                     await self._check_lease()
                     async with self._locks.hold(session_id):
                         reply, stale = await self._handle(call, shard, headers)
-                    reply_headers = {bus.HEADER_STATUS: str(reply.status), bus.HEADER_WORKER: self.worker_id}
+                    reply_headers = {bus.HEADER_STATUS: str(reply.status)}
                     if reply.version is not None:
                         reply_headers[bus.HEADER_VERSION] = str(reply.version)
                     if reply.status == 202:
@@ -310,11 +310,13 @@ class Worker:
             raise NotOwnerError("worker stalled and cannot confirm shard ownership")
 
     async def _respond_error(self, msg: Msg, error: SessionManagerError) -> None:
-        await self._respond(msg, b"", {**error_headers(error), bus.HEADER_WORKER: self.worker_id})
+        await self._respond(msg, b"", error_headers(error))
 
     async def _respond(self, msg: Msg, body: bytes, headers: dict[str, str]) -> None:
+        """Every reply, answer or error, names the worker that sent it."""
         if not msg.reply:
             return
+        headers[bus.HEADER_WORKER] = self.worker_id
         try:
             await self.nc.publish(msg.reply, body, headers=headers)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001 - the caller will time out and retry

@@ -65,7 +65,9 @@ async def test_each_request_gets_one_canonical_line_where_it_entered(cluster: Cl
             f"sessions.{sid}.context.incr", b'{"key": "n"}', timeout=5,
             headers={"Sm-Request-Id": "direct-nats-1", "traceparent": f"00-{trace_id}-{'6' * 16}-00"},
         )  # fmt: skip
+        refused = await nc.request(f"sessions.{sid}.no.such", b"{}", timeout=5)
     assert direct.headers and direct.headers.get("Sm-Worker") == ok["worker_id"], "replies name their worker"
+    assert refused.headers and refused.headers.get("Sm-Error") and refused.headers.get("Sm-Worker") == ok["worker_id"], "errors too"
     worker = await _worker_line(cluster, "direct-nats-1")
     assert worker["service"] == "worker" and worker["worker_id"] == ok["worker_id"]
     assert worker["session_id"] == sid and worker["op"] == "context.incr"
