@@ -36,6 +36,7 @@ from sessionmgr.common.errors import (
 from sessionmgr.common.ids import is_valid_idempotency_key, is_valid_session_id
 from sessionmgr.common.natsauth import connect_options
 from sessionmgr.common.redis_client import create_redis
+from sessionmgr.common.redis_pipelined import create_pipelined_redis
 from sessionmgr.common.models import Heartbeat, ReleaseShard, ShardMap, WorkerBye, json_encoder, shard_map_decoder
 from sessionmgr.common.settings import Settings
 from sessionmgr.common.streams import ensure_streams, request_status_bucket
@@ -106,6 +107,8 @@ class Worker:
         async with AsyncExitStack() as stack:
             redis = create_redis(self.settings, self.metrics.redis)
             stack.push_async_callback(redis.aclose)
+            pipelined = create_pipelined_redis(self.settings)
+            stack.push_async_callback(pipelined.aclose)
             self.nc = await nats.connect(
                 self.settings.nats_url,
                 name=f"worker-{self.worker_id}",
@@ -115,7 +118,7 @@ class Worker:
                 reconnected_cb=self._on_reconnected,
             )
             stack.push_async_callback(self._close_nats)
-            store = SessionStore(redis, shard_count=self.settings.shard_count)
+            store = SessionStore(redis, pipelined, shard_count=self.settings.shard_count, observer=self.metrics.redis)
             self.shards = ShardOwnership(
                 worker_id=self.worker_id,
                 nc=self.nc,

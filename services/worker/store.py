@@ -7,22 +7,18 @@ atomically; ARCHITECTURE.md's per-session tag could not fence in one script unde
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextvars
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from time import perf_counter
 from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
 
 from sessionmgr.common.hashing import shard_for
+from sessionmgr.common.redis_pipelined import CommandObserver, PipelinedRedis, PipelinedScript
 from sessionmgr.common.models import ChatMessage, Session, json_encoder, session_decoder
 
 _WRITE_SCRIPT = """
@@ -181,121 +177,18 @@ def decode_record(raw: bytes) -> IdempotencyRecord:
     return _record_decoder.decode(raw)
 
 
-_EVALSHA = "EVALSHA"
-
-
-class _WriteBatcher:
-    """Sends the write scripts issued in one event-loop pass as one pipeline (one round trip).
-
-    Each caller awaits its own future; order within a batch is submission order, and a session's
-    writes are already serialised by its lock, so per-session order is unchanged. A failure of the
-    whole round trip (connection, timeout) is raised to every caller of the batch; a script error
-    only to its own. Each script still counts as one ``EVALSHA`` in ``sm_redis_duration_seconds``.
-    """
-
-    def __init__(self, redis: Redis, script: Any) -> None:
-        self._redis = redis
-        self._script = script
-        self._queue: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Flushes run outside any caller's trace (the callers hold their own client spans).
-        self._context = contextvars.Context()
-
-    def submit(self, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
-            # The task's first step runs after the rest of this loop pass: it then takes every
-            # write submitted until then (one hop, not a callback that starts a task: two).
-            task = loop.create_task(self._flush(), context=self._context)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        self._queue.append((keys, args, future))
-        return future
-
-    async def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        if len(batch) == 1:
-            keys, args, future = batch[0]
-            try:
-                result = await self._script(keys=keys, args=args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                _fail(future, exc)
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                _resolve(future, result)
-            return
-        try:
-            results = await self._run(batch)
-        except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
-            for _, _, future in batch:
-                _fail(future, exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            # The script cache was flushed (restart, SCRIPT FLUSH): load it and rerun only those.
-            try:
-                self._script.sha = await self._redis.script_load(self._script.script)
-                retried = await self._run([batch[i] for i in missing])
-            except BaseException as exc:  # noqa: BLE001
-                for i in missing:
-                    _fail(batch[i][2], exc)
-                    results[i] = None
-                if not isinstance(exc, Exception):
-                    raise
-            else:
-                for i, r in zip(missing, retried, strict=True):
-                    results[i] = r
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if isinstance(result, Exception):
-                _fail(future, result)
-            else:
-                _resolve(future, result)
-
-    async def _run(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        redis = self._redis
-        # A plain pipeline: the observer below counts each script as the EVALSHA it replaces.
-        pipe = Pipeline(redis.connection_pool, redis.response_callbacks, False, None)
-        sha = self._script.sha
-        for keys, args, _ in batch:
-            pipe.execute_command(_EVALSHA, sha, len(keys), *keys, *args)
-        observer = getattr(redis, "sm_observer", None)
-        started = perf_counter()
-        error: BaseException | None = None
-        try:
-            return await pipe.execute(raise_on_error=False)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if observer is not None:
-                for _ in batch:
-                    observer.finish(_EVALSHA, started, None, error)
-
-
-def _resolve(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():
-        future.set_result(result)
-
-
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-
-
 class SessionStore:
-    def __init__(self, redis: Redis, *, shard_count: int) -> None:
+    """Reads and rare scripts go through the pooled ``redis``; the fenced writes of the request
+    path (session, message status, auth state) through the ``pipelined`` connection."""
+
+    def __init__(self, redis: Redis, pipelined: PipelinedRedis, *, shard_count: int, observer: CommandObserver | None = None) -> None:
         self._redis = redis
         self._shard_count = shard_count
-        self._write = redis.register_script(_WRITE_SCRIPT)
-        self._writes = _WriteBatcher(redis, self._write)
+        self._write = PipelinedScript(pipelined, _WRITE_SCRIPT, observer)
+        self._message_status = PipelinedScript(pipelined, _MESSAGE_STATUS_SCRIPT, observer)
+        self._auth = PipelinedScript(pipelined, _AUTH_SCRIPT, observer)
         self._acquire = redis.register_script(_ACQUIRE_SCRIPT)
         self._expire = redis.register_script(_EXPIRE_SCRIPT)
-        self._message_status = redis.register_script(_MESSAGE_STATUS_SCRIPT)
-        self._auth = redis.register_script(_AUTH_SCRIPT)
         self._message_decoder = msgspec.json.Decoder(ChatMessage)
 
     def shard_of(self, session_id: str) -> int:
@@ -348,7 +241,7 @@ class SessionStore:
         extra: list[Any] = []
         for message in messages:
             extra += [message.id, message.seq, json_encoder.encode(message)]
-        result = await self._writes.submit(
+        result = await self._write(
             [
                 epoch_key(shard),
                 session_key(shard, session_id),
@@ -400,9 +293,7 @@ class SessionStore:
     async def update_message(self, *, shard: int, epoch: int, session_id: str, message: ChatMessage) -> bool | None:
         """Rewrite one history entry in place; None when fenced, False when it left the history."""
         result = int(
-            await self._message_status(
-                keys=[epoch_key(shard), messages_key(shard, session_id)], args=[epoch, message.id, json_encoder.encode(message)]
-            )
+            await self._message_status([epoch_key(shard), messages_key(shard, session_id)], [epoch, message.id, json_encoder.encode(message)])
         )
         return None if result < 0 else result == 1
 
@@ -414,8 +305,8 @@ class SessionStore:
     async def save_auth(self, *, shard: int, epoch: int, session_id: str, expected_version: int, state: bytes | None, ttl_ms: int) -> WriteOutcome:
         """Write (or delete, when ``state`` is None) the auth state if our epoch and its version hold."""
         result = await self._auth(
-            keys=[epoch_key(shard), auth_key(shard, session_id)],
-            args=[epoch, expected_version, expected_version + 1, state or b"", ttl_ms],
+            [epoch_key(shard), auth_key(shard, session_id)],
+            [epoch, expected_version, expected_version + 1, state or b"", ttl_ms],
         )
         status = result[0].decode() if isinstance(result[0], bytes) else str(result[0])
         return WriteOutcome(status, result[1] if len(result) > 1 else None)
