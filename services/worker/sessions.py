@@ -6,7 +6,6 @@ then made visible in memory and acknowledged. Callers serialise calls per sessio
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +39,7 @@ from sessionmgr.common.models import (
     SessionConfig,
     SessionPage,
     UpdateSessionCommand,
+    copy_json,
     json_encoder,
     view_of,
 )
@@ -304,13 +304,13 @@ class SessionService:
         payload = _decode(_any_decoder, call.payload)
         if not action.mutates:
             session = await self.visible(call)
-            result = action.handler(copy.deepcopy(session.context), payload)
+            result = action.handler(copy_json(session.context), payload)
             body = ActionResult(request_id=call.request_id, action=action.name, result=result, version=session.version)
             return Reply(json_encoder.encode(body), session.version)
 
         def compute(current: Session | None) -> Change:
             current = call.visible(current)
-            context = copy.deepcopy(current.context)
+            context = copy_json(current.context)
             result = action.handler(context, payload)
             if len(json_encoder.encode(context)) > self._settings.max_context_bytes:
                 raise LimitExceededError(f"session context would exceed {self._settings.max_context_bytes} bytes")
