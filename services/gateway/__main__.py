@@ -12,6 +12,7 @@ from sessionmgr.common.settings import SettingsError, load_settings
 from sessionmgr.common.tls import server_tls_options
 from sessionmgr.common.tracing import configure_tracing
 from sessionmgr.gateway.app import create_app
+from sessionmgr.gateway.http_protocol import CoalescingHttpToolsProtocol
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
             host=settings.host,
             port=settings.port,
             loop="uvloop",
-            http="httptools",
+            http=CoalescingHttpToolsProtocol,  # httptools, one write per response
             log_level="warning",
             access_log=False,
             server_header=False,
