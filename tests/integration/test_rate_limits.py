@@ -108,3 +108,23 @@ async def test_a_gateway_takes_request_tokens_in_batches(cluster: Cluster, user:
         assert 500 < await redis.pttl(bucket_key(user, "requests")) <= 600
     finally:
         await redis.aclose()
+
+
+async def test_concurrent_requests_of_one_user_share_a_batch_instead_of_each_paying_for_one(cluster: Cluster, user: str) -> None:
+    import asyncio
+
+    from sessionmgr.common.redis_client import create_redis
+    from sessionmgr.gateway.ratelimit import RateLimiter
+
+    settings = cluster.settings.with_overrides(rate_limit_per_minute=3000)  # 20 ms per token, batches of 10
+    redis = create_redis(settings)
+    try:
+        limiter = RateLimiter(redis, settings)
+        # 64 connections of one user at once, three times over: 192 requests.
+        for _ in range(3):
+            await asyncio.gather(*(limiter.check(user) for _ in range(64)))
+        # Charged about what was used (192 tokens: 3.84 s ahead), rounded up to whole batches,
+        # not a batch per request that found the lease empty (up to 1,920 tokens: 38 s).
+        assert 3_800 < await redis.pttl(bucket_key(user, "requests")) <= 4_400
+    finally:
+        await redis.aclose()
