@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
+from opentelemetry import baggage
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -53,6 +54,14 @@ def _otlp_endpoint_configured() -> bool:
 
 
 def inject_trace_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The current trace context as W3C headers: ``traceparent`` (and ``tracestate``, ``baggage``)."""
+    if _DEFAULT_PROPAGATORS:
+        # The common case (an unsampled trace, no trace state, no baggage) written directly, as
+        # the SDK's propagators would write it; they cost about 2 % of the gateway's CPU.
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid and not context.trace_flags.sampled and not context.trace_state and not baggage.get_all():
+            headers["traceparent"] = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+            return headers
     propagate.inject(headers)
     return headers
 

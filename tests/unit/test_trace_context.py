@@ -94,3 +94,26 @@ def test_without_trace_context_and_an_exporter_the_message_gets_a_recorded_root_
     provider.force_flush()
     (recorded,) = exporter.spans
     assert recorded.parent is None
+
+
+@pytest.mark.parametrize("case", ["unsampled", "sampled", "baggage", "tracestate"])
+def test_injected_headers_are_what_the_sdk_propagators_write(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry import baggage, context, propagate, trace
+
+    parent = trace.SpanContext(int(TRACE_ID, 16), int(PARENT, 16), is_remote=False, trace_flags=trace.TraceFlags(0x03 if case == "sampled" else 0x02))
+    if case == "tracestate":
+        parent = trace.SpanContext(parent.trace_id, parent.span_id, False, parent.trace_flags, trace.TraceState([("vendor", "1")]))
+    ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent))
+    if case == "baggage":
+        ctx = baggage.set_baggage("tenant", "a", context=ctx)
+    if case == "unsampled":  # the common case writes traceparent itself
+        monkeypatch.setattr(propagate, "inject", lambda *_, **__: pytest.fail("took the slow path"))
+    token = context.attach(ctx)
+    try:
+        ours = tracing.inject_trace_headers({})
+        monkeypatch.undo()
+        sdk: dict[str, str] = {}
+        propagate.inject(sdk)
+    finally:
+        context.detach(token)
+    assert ours == sdk and ours["traceparent"].startswith(f"00-{TRACE_ID}-{PARENT}-")
