@@ -55,3 +55,20 @@ def test_lines_queued_on_a_loop_that_stopped_are_written_with_the_next_ones() ->
 
     asyncio.run(log_again())
     assert file.writes == [b"first\nsecond\n"]
+
+
+def test_timestamps_are_iso_8601_utc_with_microseconds_and_follow_the_clock() -> None:
+    import re
+    from datetime import UTC, datetime
+
+    from sessionmgr.common.logging import _UtcTimestamper
+
+    stamp = _UtcTimestamper()
+    before = datetime.now(UTC)
+    first = stamp(None, "info", {})["timestamp"]
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", first)
+    assert before <= datetime.fromisoformat(first) <= after
+    # Formatted once a second, but every line gets its own time.
+    stamps = [stamp(None, "info", {})["timestamp"] for _ in range(1000)]
+    assert stamps == sorted(stamps) and len(set(stamps)) > 1
