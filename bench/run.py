@@ -56,6 +56,9 @@ UNLOADED_SLICE_S = 2.0
 INCR_BODY = b'{"action":"context.incr","payload":{"key":"n","by":1}}'
 CREATE_BODY = b'{"metadata":{}}'
 NATS_IN_FLIGHT = (64, 256)
+# The direct path at 64 in flight alternates with the gateway path in this many pairs of slices.
+DIRECT_ROUNDS = 3
+DIRECT_SLICE_MIN_S = 2.0
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -276,7 +279,7 @@ def run_http(
     return merge_outcomes(results, duration_s), cpu, merge_errors(results)
 
 
-def run_scenario(target: Target, scenario: Scenario, pool: list[PoolEntry], tokens: list[str], ctx: Context) -> ScenarioResult:
+def run_scenario(target: Target, scenario: Scenario, pool: list[PoolEntry], tokens: list[str], ctx: Context, kind: str | None = None) -> ScenarioResult:
     host_header = f"{target.host}:{target.ports[0]}"
     ctx.out.write(f"  {target.name}: {scenario.label} ({scenario.connections} conns, {scenario.duration_s:g} s) ...")
     ctx.out.flush()
@@ -293,7 +296,7 @@ def run_scenario(target: Target, scenario: Scenario, pool: list[PoolEntry], toke
         processes={role: len(pids) for role, pids in target.roles.items()},
         extra=extra,
     )
-    ctx.results.write_scenario(result, kind="slice" if scenario.rounds > 1 else "scenario")
+    ctx.results.write_scenario(result, kind=kind or ("slice" if scenario.rounds > 1 else "scenario"))
     _warn_if_generator_bound(result, ctx)
     return result
 
@@ -306,31 +309,52 @@ def _warn_if_generator_bound(result: ScenarioResult, ctx: Context) -> None:
         ctx.out.write(f"  warning: the load generator was {busy:.0%} busy during '{result.label}'; it may have limited the rate\n")
 
 
-def run_nats_direct(target: Target, pool: list[PoolEntry], ctx: Context) -> list[ScenarioResult]:
+def _nats_direct_slice(target: Target, session_ids: list[str], in_flight: int, duration_s: float, ctx: Context) -> ScenarioResult:
+    ctx.out.write(f"  nats-direct: context.incr ({in_flight} in flight, {duration_s:g} s) ...")
+    ctx.out.flush()
+    spec = NatsSpec(url=target.nats_url, requests=incr_requests(session_ids), in_flight=in_flight, timeout_s=ctx.args.timeout, seed=in_flight)  # type: ignore[arg-type]
+    raw, cpu = run_children(nats_child, [spec], warmup_s=ctx.args.warmup, duration_s=duration_s, roles=target.roles)
+    outcome = merge_outcomes(raw, duration_s)
+    ctx.out.write(f" {outcome.rps:,.0f} req/s\n")
+    return ScenarioResult(
+        target="nats-direct",
+        scenario=f"nats-incr-{in_flight}",
+        label="sessions.<sid>.context.incr",
+        connections=in_flight,
+        generator="nats-py",
+        outcome=outcome,
+        cpu_s=with_other(cpu, outcome.loadgen_cpu_s),
+        processes={role: len(pids) for role, pids in target.roles.items()},
+        extra=merge_errors(raw),
+    )
+
+
+def run_nats_direct(target: Target, pool: list[PoolEntry], tokens: list[str], ctx: Context) -> tuple[list[ScenarioResult], list[float]]:
+    """The direct path at 64 and 256 in flight; at 64 in alternating slices with the gateway path
+    (context.incr, 64 connections), so their ratio compares runs seconds apart. Returns the
+    results and the per-pair ratios (direct / gateway)."""
     assert target.nats_url is not None
     results = []
     session_ids = [e.session_id for e in pool]
-    for in_flight in NATS_IN_FLIGHT:
-        ctx.out.write(f"  nats-direct: context.incr ({in_flight} in flight, {ctx.args.duration:g} s) ...")
-        ctx.out.flush()
-        spec = NatsSpec(url=target.nats_url, requests=incr_requests(session_ids), in_flight=in_flight, timeout_s=ctx.args.timeout, seed=in_flight)
-        raw, cpu = run_children(nats_child, [spec], warmup_s=ctx.args.warmup, duration_s=ctx.args.duration, roles=target.roles)
-        outcome = merge_outcomes(raw, ctx.args.duration)
-        ctx.out.write(f" {outcome.rps:,.0f} req/s\n")
-        result = ScenarioResult(
-            target="nats-direct",
-            scenario=f"nats-incr-{in_flight}",
-            label="sessions.<sid>.context.incr",
-            connections=in_flight,
-            generator="nats-py",
-            outcome=outcome,
-            cpu_s=with_other(cpu, outcome.loadgen_cpu_s),
-            processes={role: len(pids) for role, pids in target.roles.items()},
-            extra=merge_errors(raw),
-        )
+    slice_s = max(DIRECT_SLICE_MIN_S, ctx.args.duration / DIRECT_ROUNDS)
+    paired_gateway = Scenario("incr", "POST .../request context.incr (paired)", NATS_IN_FLIGHT[0], slice_s, _incrs)
+    ratios: list[float] = []
+    direct_slices: list[ScenarioResult] = []
+    for _ in range(DIRECT_ROUNDS):
+        gateway = run_scenario(target, paired_gateway, pool, tokens, ctx, kind="slice")
+        direct = _nats_direct_slice(target, session_ids, NATS_IN_FLIGHT[0], slice_s, ctx)
+        ctx.results.write_scenario(direct, kind="slice")
+        direct_slices.append(direct)
+        if gateway.outcome.rps > 0:
+            ratios.append(direct.outcome.rps / gateway.outcome.rps)
+    merged = merge_rounds(direct_slices)
+    ctx.results.write_scenario(merged)
+    results.append(merged)
+    for in_flight in NATS_IN_FLIGHT[1:]:
+        result = _nats_direct_slice(target, session_ids, in_flight, ctx.args.duration, ctx)
         ctx.results.write_scenario(result)
         results.append(result)
-    return results
+    return results, ratios
 
 
 def run_send_text(target: Target, pool: list[PoolEntry], ctx: Context) -> list[ScenarioResult]:
@@ -372,14 +396,15 @@ def run_send_text(target: Target, pool: list[PoolEntry], ctx: Context) -> list[S
 # ---- reports ----------------------------------------------------------------------------------------
 
 
-def print_direct_ratio(system: list[ScenarioResult], direct: list[ScenarioResult], ctx: Context) -> None:
-    gateway = next((r for r in system if r.scenario == "incr"), None)
-    nats64 = next((r for r in direct if r.connections == 64), None)
-    if gateway is None or nats64 is None or gateway.outcome.rps <= 0:
+def print_direct_ratio(ratios: list[float], ctx: Context) -> None:
+    if not ratios:
         return
-    ratio = nats64.outcome.rps / gateway.outcome.rps
-    ctx.out.write(f"direct NATS context.incr at 64 in flight / through the gateway at 64 connections: {ratio:.2f}x\n")
-    ctx.results.write("ratio", {"scenario": "nats-direct/incr", "connections": 64, "rps_ratio": round(ratio, 3)})
+    ratio = statistics.median(ratios)
+    ctx.out.write(
+        f"direct NATS context.incr at 64 in flight / through the gateway at 64 connections, in alternating slices: "
+        f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {ratio:.2f}x\n"
+    )
+    ctx.results.write("ratio", {"scenario": "nats-direct/incr", "connections": 64, "rps_ratio": round(ratio, 3), "by_slice": [round(r, 3) for r in ratios]})
 
 
 def print_ratios(system: list[ScenarioResult], baseline: list[ScenarioResult], ctx: Context) -> None:
@@ -550,10 +575,10 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             print_ratios(results[target.name], results[targets[1].name], ctx)
         all_results += run_send_text(target, pools[target.name], ctx)
         if args.nats_direct:
-            nats_results = run_nats_direct(target, pools[target.name], ctx)
+            nats_results, direct_ratios = run_nats_direct(target, pools[target.name], user_tokens(secret, args.sessions), ctx)
             all_results += nats_results
             print_table("NATS direct (nats-py request/reply in its own process; connections = requests in flight)", nats_results, out)
-            print_direct_ratio(results[target.name], nats_results, ctx)
+            print_direct_ratio(direct_ratios, ctx)
     finally:
         stopping = time.monotonic()
         for note in [*baseline.stop(), *system.stop()]:
