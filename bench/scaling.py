@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from harness import run_children
 from httpload import HttpSpec, build_request, http_child
-from natsload import create_sessions
+from natsload import NatsSpec, create_sessions, incr_requests, nats_child
 from report import ResultsFile
 
 from sessionmgr.common.ids import new_session_id
@@ -55,6 +55,7 @@ class ScalingRow:
     errors: int
     cpu_ms_per_request: dict[str, float]
     pool_seconds: float
+    direct_rps: float | None = None  # sessions.<sid>.context.incr over NATS, 64 in flight
 
 
 def _pool(target: Any, secret: str, count: int, timeout_s: float) -> list[Any]:
@@ -90,22 +91,32 @@ def measure(shape: Shape, args: argparse.Namespace, secret: str, workdir: Path) 
         done = max(1, outcome.requests)
         per_request = {role: round(1000 * cpu.get(role, 0.0) / done, 3) for role in ("gateway", "worker", "nats", "redis")}
         per_request["system"] = round(sum(per_request.values()), 3)
-        return ScalingRow(shape, outcome.rps, outcome.p50_ms, outcome.p99_ms, outcome.errors, per_request, round(pool_seconds, 1))
+        direct_rps = None
+        if shape.gateways == 1 and shape.sessions <= API_POOL_MAX:
+            # A NATS-only deployment has no gateway: on the same cores it would run more workers.
+            nats_spec = NatsSpec(url=target.nats_url, requests=incr_requests([e.session_id for e in pool]), in_flight=64, timeout_s=args.timeout, seed=64)
+            raw, _ = run_children(nats_child, [nats_spec], warmup_s=max(args.warmup, 1.0), duration_s=args.duration, roles=target.roles)
+            direct_rps = merge_outcomes(raw, args.duration).rps
+        return ScalingRow(shape, outcome.rps, outcome.p50_ms, outcome.p99_ms, outcome.errors, per_request, round(pool_seconds, 1), direct_rps)
     finally:
         stack.stop()
 
 
 def print_scaling(rows: list[ScalingRow], out: TextIO) -> None:
-    header = ["workers", "gateways", "sessions", "req/s", "p50 ms", "p99 ms", "errors", "gateway", "worker", "nats", "redis", "system"]
+    header = ["workers", "gateways", "sessions", "req/s", "p50 ms", "p99 ms", "errors", "gateway", "worker", "nats", "redis", "system", "NATS req/s"]
     cells = [
         [
             str(r.shape.workers), str(r.shape.gateways), f"{r.shape.sessions:,}", f"{r.rps:,.0f}", f"{r.p50_ms:.1f}", f"{r.p99_ms:.1f}", str(r.errors),
             *(f"{r.cpu_ms_per_request[k]:.3f}" for k in ("gateway", "worker", "nats", "redis", "system")),
+            "-" if r.direct_rps is None else f"{r.direct_rps:,.0f}",
         ]
         for r in rows
     ]  # fmt: skip
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    out.write("\nscaling: context.incr, a fresh system per row (the last 5 columns: ms of CPU per request, by role)\n")
+    out.write(
+        "\nscaling: context.incr, a fresh system per row (gateway..system: ms of CPU per request, by role; "
+        "NATS req/s: the same action straight over NATS, 64 in flight, same system)\n"
+    )
     out.write("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)) + "\n")
     out.write("  ".join("-" * w for w in widths) + "\n")
     for row in cells:
@@ -129,7 +140,7 @@ def run_scaling(args: argparse.Namespace, secret: str, results: ResultsFile, out
             {
                 "workers": shape.workers, "gateways": shape.gateways, "sessions": shape.sessions, "rps": round(row.rps, 1),
                 "p50_ms": round(row.p50_ms, 3), "p99_ms": round(row.p99_ms, 3), "errors": row.errors, "cpu_ms_per_request": row.cpu_ms_per_request,
-                "connections": args.connections, "duration_s": args.duration,
+                "connections": args.connections, "duration_s": args.duration, "direct_nats_rps": None if row.direct_rps is None else round(row.direct_rps, 1),
             },
         )  # fmt: skip
         rows.append(row)
