@@ -40,7 +40,9 @@ _pack = hiredis.pack_command
 
 
 class CommandObserver(Protocol):
-    """What ``RedisObserver`` offers: a duration per command name."""
+    """What ``RedisObserver`` offers: a client span inside sampled traces, a duration per command."""
+
+    def start_span(self, command: str) -> Any: ...
 
     def finish(self, command: str, started: float, span: Any, error: BaseException | None) -> None: ...
 
@@ -173,7 +175,9 @@ class PipelinedRedis:
         connect_timeout: float = 1.0,
         reply_timeout: float = 1.0,
         max_pending: int = 10_000,
+        observer: CommandObserver | None = None,
     ) -> None:
+        self._observer = observer
         self._host = host
         self._port = port
         self._password = password
@@ -187,6 +191,23 @@ class PipelinedRedis:
         self._closed = False
 
     async def execute(self, *args: Any) -> Any:
+        """Run one command (``"HGET", key, field``); its reply as hiredis gives it (bytes, not str)."""
+        observer = self._observer
+        if observer is None:
+            return await self._send(args)
+        command = args[0]
+        span = observer.start_span(command)
+        started = perf_counter()
+        error: BaseException | None = None
+        try:
+            return await self._send(args)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            observer.finish(command, started, span, error)
+
+    async def _send(self, args: tuple[Any, ...]) -> Any:
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
@@ -233,32 +254,24 @@ class PipelinedRedis:
 class PipelinedScript:
     """A Lua script run by ``EVALSHA`` over a :class:`PipelinedRedis`, loaded by ``EVAL`` when Redis lacks it."""
 
-    def __init__(self, redis: PipelinedRedis, text: str, observer: CommandObserver | None = None) -> None:
+    def __init__(self, redis: PipelinedRedis, text: str) -> None:
         self._redis = redis
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
-        self._observer = observer
 
     async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        started = perf_counter()
-        error: BaseException | None = None
         try:
-            try:
-                return await self._redis.execute("EVALSHA", self.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                # Redis restarted or its script cache was flushed: EVAL runs it and caches it again.
-                return await self._redis.execute("EVAL", self.text, len(keys), *keys, *args)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if self._observer is not None:
-                self._observer.finish("EVALSHA", started, None, error)
+            return await self._redis.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted or its script cache was flushed: EVAL runs it and caches it again.
+            return await self._redis.execute("EVAL", self.text, len(keys), *keys, *args)
 
 
-def create_pipelined_redis(settings: Settings) -> PipelinedRedis:
-    """The worker's hot-path connection, from the same settings (DB_*, DB_TLS*) as ``create_redis``."""
+def create_pipelined_redis(settings: Settings, observer: CommandObserver | None = None) -> PipelinedRedis:
+    """The worker's request-path connection, from the same settings (DB_*, DB_TLS*) as ``create_redis``;
+    with an ``observer``, every command is timed (and traced inside sampled traces)."""
     return PipelinedRedis(
+        observer=observer,
         host=settings.db_host,
         port=settings.db_port,
         password=settings.db_password,

@@ -107,7 +107,7 @@ class Worker:
         async with AsyncExitStack() as stack:
             redis = create_redis(self.settings, self.metrics.redis)
             stack.push_async_callback(redis.aclose)
-            pipelined = create_pipelined_redis(self.settings)
+            pipelined = create_pipelined_redis(self.settings, self.metrics.redis)
             stack.push_async_callback(pipelined.aclose)
             self.nc = await nats.connect(
                 self.settings.nats_url,
@@ -118,7 +118,7 @@ class Worker:
                 reconnected_cb=self._on_reconnected,
             )
             stack.push_async_callback(self._close_nats)
-            store = SessionStore(redis, pipelined, shard_count=self.settings.shard_count, observer=self.metrics.redis)
+            store = SessionStore(redis, pipelined, shard_count=self.settings.shard_count)
             self.shards = ShardOwnership(
                 worker_id=self.worker_id,
                 nc=self.nc,
@@ -272,10 +272,12 @@ class Worker:
             return await self.degraded.enqueue(call, shard, _forwarded(headers)), False
         try:
             reply = await self.service.handle(call)
-        except _STORAGE_ERRORS:
+        except _STORAGE_ERRORS as exc:
             self.degraded.storage_failed()
             if not mutating:
                 raise
+            # Why this change (and the shard's next ones) go to the queue instead of Redis.
+            log.warning("storage_unavailable", error_type=type(exc).__name__, error=str(exc))
             return await self.degraded.enqueue(call, shard, _forwarded(headers)), False
         return reply, not mutating and (self.degraded.redis_down or self.degraded.is_degraded(shard))
 

@@ -7,6 +7,7 @@ atomically; ARCHITECTURE.md's per-session tag could not fence in one script unde
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -18,7 +19,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from sessionmgr.common.hashing import shard_for
-from sessionmgr.common.redis_pipelined import CommandObserver, PipelinedRedis, PipelinedScript
+from sessionmgr.common.redis_pipelined import PipelinedRedis, PipelinedScript
 from sessionmgr.common.models import ChatMessage, Session, json_encoder, session_decoder
 
 _WRITE_SCRIPT = """
@@ -178,15 +179,18 @@ def decode_record(raw: bytes) -> IdempotencyRecord:
 
 
 class SessionStore:
-    """Reads and rare scripts go through the pooled ``redis``; the fenced writes of the request
-    path (session, message status, auth state) through the ``pipelined`` connection."""
+    """Everything a request does goes over the ``pipelined`` connection: no pool to wait for, so a
+    burst can never turn a busy pool into "Redis unavailable" (and degraded mode). The pooled
+    ``redis`` serves what runs beside requests: taking shards, warm starts (thousands of reads at
+    once), the expiry sweep."""
 
-    def __init__(self, redis: Redis, pipelined: PipelinedRedis, *, shard_count: int, observer: CommandObserver | None = None) -> None:
+    def __init__(self, redis: Redis, pipelined: PipelinedRedis, *, shard_count: int) -> None:
         self._redis = redis
+        self._pipe = pipelined
         self._shard_count = shard_count
-        self._write = PipelinedScript(pipelined, _WRITE_SCRIPT, observer)
-        self._message_status = PipelinedScript(pipelined, _MESSAGE_STATUS_SCRIPT, observer)
-        self._auth = PipelinedScript(pipelined, _AUTH_SCRIPT, observer)
+        self._write = PipelinedScript(pipelined, _WRITE_SCRIPT)
+        self._message_status = PipelinedScript(pipelined, _MESSAGE_STATUS_SCRIPT)
+        self._auth = PipelinedScript(pipelined, _AUTH_SCRIPT)
         self._acquire = redis.register_script(_ACQUIRE_SCRIPT)
         self._expire = redis.register_script(_EXPIRE_SCRIPT)
         self._message_decoder = msgspec.json.Decoder(ChatMessage)
@@ -199,16 +203,22 @@ class SessionStore:
         return int(await self._acquire(keys=[epoch_key(shard)], args=[epoch]))
 
     async def load(self, session_id: str) -> Session | None:
-        raw = await self._redis.hget(session_key(self.shard_of(session_id), session_id), "d")
+        raw = await self._pipe.execute("HGET", session_key(self.shard_of(session_id), session_id), "d")
         return None if raw is None else session_decoder.decode(raw)
 
     async def load_many(self, session_ids: list[str]) -> list[Session | None]:
+        """Warm starts: thousands at once, as one pipeline on the pool, beside the requests."""
         if not session_ids:
             return []
         pipe = self._redis.pipeline(transaction=False)
         for sid in session_ids:
             pipe.hget(session_key(self.shard_of(sid), sid), "d")
         raws = await pipe.execute()
+        return [None if raw is None else session_decoder.decode(raw) for raw in raws]
+
+    async def _load_page(self, session_ids: list[str]) -> list[Session | None]:
+        # One listing page (at most 201 reads: pages are capped at 200); issued together, they leave in one write.
+        raws = await asyncio.gather(*(self._pipe.execute("HGET", session_key(self.shard_of(sid), sid), "d") for sid in session_ids))
         return [None if raw is None else session_decoder.decode(raw) for raw in raws]
 
     async def shard_session_ids(self, shard: int, limit: int) -> list[str]:
@@ -280,14 +290,14 @@ class SessionStore:
     async def messages(self, session_id: str) -> list[ChatMessage]:
         """The whole (bounded) history, oldest first."""
         shard = self.shard_of(session_id)
-        ids = await self._redis.zrange(message_order_key(shard, session_id), 0, -1)
+        ids = await self._pipe.execute("ZRANGE", message_order_key(shard, session_id), 0, -1)
         if not ids:
             return []
-        raws = await self._redis.hmget(messages_key(shard, session_id), ids)
+        raws = await self._pipe.execute("HMGET", messages_key(shard, session_id), *ids)
         return [self._message_decoder.decode(raw) for raw in raws if raw is not None]
 
     async def message(self, session_id: str, message_id: str) -> ChatMessage | None:
-        raw = await self._redis.hget(messages_key(self.shard_of(session_id), session_id), message_id)
+        raw = await self._pipe.execute("HGET", messages_key(self.shard_of(session_id), session_id), message_id)
         return None if raw is None else self._message_decoder.decode(raw)
 
     async def update_message(self, *, shard: int, epoch: int, session_id: str, message: ChatMessage) -> bool | None:
@@ -299,7 +309,7 @@ class SessionStore:
 
     async def load_auth(self, session_id: str) -> tuple[int, bytes | None]:
         """(version, state) of the engine's auth state; (0, None) when there is none."""
-        raw = await self._redis.hmget(auth_key(self.shard_of(session_id), session_id), ["v", "d"])
+        raw = await self._pipe.execute("HMGET", auth_key(self.shard_of(session_id), session_id), "v", "d")
         return (0, None) if raw[0] is None else (int(raw[0]), raw[1])
 
     async def save_auth(self, *, shard: int, epoch: int, session_id: str, expected_version: int, state: bytes | None, ttl_ms: int) -> WriteOutcome:
@@ -325,16 +335,16 @@ class SessionStore:
         return int(result) == 1
 
     async def idempotency_record(self, session_id: str, key: str) -> IdempotencyRecord | None:
-        raw = await self._redis.get(idempotency_key(self.shard_of(session_id), session_id, key))
+        raw = await self._pipe.execute("GET", idempotency_key(self.shard_of(session_id), session_id, key))
         return None if raw is None else decode_record(raw)
 
     # ---- per-user index (its own slot; a superset of the live sessions, pruned lazily) ----
 
     async def index_add(self, session: Session) -> None:
-        await self._redis.zadd(user_index_key(session.user_id), {_index_member(session): 0})
+        await self._pipe.execute("ZADD", user_index_key(session.user_id), 0, _index_member(session))
 
     async def index_remove(self, session: Session) -> None:
-        await self._redis.zrem(user_index_key(session.user_id), _index_member(session))
+        await self._pipe.execute("ZREM", user_index_key(session.user_id), _index_member(session))
 
     async def list_user_sessions(self, user_id: str, limit: int, cursor: str | None) -> tuple[list[Session], str | None]:
         key = user_index_key(user_id)
@@ -343,11 +353,11 @@ class SessionStore:
         last_member: bytes | None = None
         # Pages skip members whose session expired; bound the number of index reads per call.
         for _ in range(5):
-            members = await self._redis.zrangebylex(key, start, b"+", start=0, num=limit - len(sessions) + 1)
+            members = await self._pipe.execute("ZRANGEBYLEX", key, start, b"+", "LIMIT", 0, limit - len(sessions) + 1)
             if not members:
                 break
             ids = [m.decode().split(":", 1)[1] for m in members]
-            loaded = await self.load_many(ids)
+            loaded = await self._load_page(ids)
             dead = []
             for member, session in zip(members, loaded, strict=True):
                 if session is None:
@@ -358,7 +368,7 @@ class SessionStore:
                 sessions.append(session)
                 last_member = member
             if dead:
-                await self._redis.zrem(key, *dead)
+                await self._pipe.execute("ZREM", key, *dead)
             start = b"(" + members[-1]
         return sessions, None
 

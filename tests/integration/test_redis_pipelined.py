@@ -130,3 +130,23 @@ async def test_a_closed_client_refuses_new_commands(pipelined: PipelinedRedis) -
     await pipelined.aclose()
     with pytest.raises(RedisConnectionError):
         await pipelined.execute("PING")
+
+
+async def test_every_command_is_reported_by_name_with_its_error(server: RedisProcess) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    class Recorder:
+        def start_span(self, command: str) -> None:
+            return None
+
+        def finish(self, command: str, started: float, span: object, error: BaseException | None) -> None:
+            seen.append((command, None if error is None else type(error).__name__))
+
+    client = PipelinedRedis(host="127.0.0.1", port=server.port, observer=Recorder())
+    try:
+        await client.execute("SET", "k", "v")
+        with pytest.raises(ResponseError):
+            await client.execute("INCR", "k")
+    finally:
+        await client.aclose()
+    assert seen == [("SET", None), ("INCR", "ResponseError")]
