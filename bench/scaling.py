@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from harness import run_children
-from httpload import HttpSpec, build_request, http_child
+from httpload import HttpSpec, build_request, fetch_all, http_child
 from natsload import NatsSpec, create_sessions, incr_requests, nats_child
 from report import ResultsFile
 
@@ -72,6 +72,24 @@ def _pool(target: Any, secret: str, count: int, timeout_s: float) -> list[Any]:
     return [PoolEntry(sid, tokens[i % len(tokens)]) for i, (sid, _) in enumerate(owners)]
 
 
+def _prime_users(target: Any, pool: list[Any], host: str, timeout_s: float) -> None:
+    """One GET per user through every gateway before the measurement.
+
+    A user's first request costs its gateway a JWT verification and a rate-limit batch from Redis;
+    a running system has paid them long before. Pools made over NATS never went through a gateway,
+    and with 5,000 users a 10 s window would otherwise measure mostly first requests.
+    """
+    import asyncio
+
+    first_per_user = list({e.token: e for e in pool}.values())
+    requests = [build_request("GET", f"/sessions/{e.session_id}", host, e.token) for e in first_per_user]
+    for address in target.addresses:
+        replies = asyncio.run(fetch_all(*address, requests, concurrency=16, timeout_s=timeout_s))
+        failed = [(status, body[:200]) for status, body in replies if status != 200]
+        if failed:
+            raise StackError(f"{len(failed)} of {len(requests)} priming requests failed, the first: {failed[0]}")
+
+
 def measure(shape: Shape, args: argparse.Namespace, secret: str, workdir: Path) -> ScalingRow:
     import time
 
@@ -84,6 +102,7 @@ def measure(shape: Shape, args: argparse.Namespace, secret: str, workdir: Path) 
         pool = _pool(target, secret, shape.sessions, args.timeout)
         pool_seconds = time.monotonic() - began
         host = f"{target.host}:{target.ports[0]}"
+        _prime_users(target, pool, host, args.timeout)
         requests = [build_request("POST", f"/sessions/{e.session_id}/request", host, e.token, INCR_BODY) for e in pool]
         spec = HttpSpec(targets=target.addresses, requests=requests, connections=args.connections, timeout_s=args.timeout, seed=1)
         results, cpu = run_children(http_child, [spec], warmup_s=max(args.warmup, 1.0), duration_s=args.duration, roles=target.roles)

@@ -5,12 +5,17 @@ Low limits come from settings; every test uses a fresh user, so the shared suite
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import httpx
+import pytest
+from redis.asyncio import Redis
 
 from sessionmgr.common import procs
-from sessionmgr.gateway.ratelimit import bucket_key
+from sessionmgr.common.redis_client import create_redis
+from sessionmgr.gateway.ratelimit import RateLimiter, bucket_key
 from sessionmgr.worker.store import user_index_key
 from tests.conftest import auth
 from tests.integration.test_api import assert_problem
@@ -94,37 +99,30 @@ async def test_limiter_lets_requests_through_when_its_redis_is_away(cluster: Clu
         assert time.monotonic() - started < 5.0
 
 
-async def test_a_gateway_takes_request_tokens_in_batches(cluster: Cluster, user: str) -> None:
-    from sessionmgr.common.redis_client import create_redis
-    from sessionmgr.gateway.ratelimit import RateLimiter
-
-    settings = cluster.settings.with_overrides(rate_limit_per_minute=3000)  # 20 ms per token, batches of 10
+@pytest.fixture
+async def batched(cluster: Cluster) -> AsyncIterator[tuple[RateLimiter, Redis]]:
+    """A limiter of 3,000 requests a minute (20 ms per token, batches of 10) and its Redis."""
+    settings = cluster.settings.with_overrides(rate_limit_per_minute=3000)
     redis = create_redis(settings)
     try:
-        limiter = RateLimiter(redis, settings)
-        for _ in range(21):
-            await limiter.check(user)
-        # Three batches of ten were charged (600 ms ahead of now), not 21 single tokens (420 ms).
-        assert 500 < await redis.pttl(bucket_key(user, "requests")) <= 600
+        yield RateLimiter(redis, settings), redis
     finally:
         await redis.aclose()
 
 
-async def test_concurrent_requests_of_one_user_share_a_batch_instead_of_each_paying_for_one(cluster: Cluster, user: str) -> None:
-    import asyncio
+async def test_a_gateway_takes_request_tokens_in_batches(batched: tuple[RateLimiter, Redis], user: str) -> None:
+    limiter, redis = batched
+    for _ in range(21):
+        await limiter.check(user)
+    # Three batches of ten were charged (600 ms ahead of now), not 21 single tokens (420 ms).
+    assert 500 < await redis.pttl(bucket_key(user, "requests")) <= 600
 
-    from sessionmgr.common.redis_client import create_redis
-    from sessionmgr.gateway.ratelimit import RateLimiter
 
-    settings = cluster.settings.with_overrides(rate_limit_per_minute=3000)  # 20 ms per token, batches of 10
-    redis = create_redis(settings)
-    try:
-        limiter = RateLimiter(redis, settings)
-        # 64 connections of one user at once, three times over: 192 requests.
-        for _ in range(3):
-            await asyncio.gather(*(limiter.check(user) for _ in range(64)))
-        # Charged about what was used (192 tokens: 3.84 s ahead), rounded up to whole batches,
-        # not a batch per request that found the lease empty (up to 1,920 tokens: 38 s).
-        assert 3_800 < await redis.pttl(bucket_key(user, "requests")) <= 4_400
-    finally:
-        await redis.aclose()
+async def test_concurrent_requests_of_one_user_share_a_batch_instead_of_each_paying_for_one(batched: tuple[RateLimiter, Redis], user: str) -> None:
+    limiter, redis = batched
+    # 64 connections of one user at once, three times over: 192 requests.
+    for _ in range(3):
+        await asyncio.gather(*(limiter.check(user) for _ in range(64)))
+    # Charged about what was used (192 tokens: 3.84 s ahead), rounded up to whole batches,
+    # not a batch per request that found the lease empty (up to 1,920 tokens: 38 s).
+    assert 3_800 < await redis.pttl(bucket_key(user, "requests")) <= 4_400
