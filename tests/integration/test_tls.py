@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sessionmgr.common import natsauth, procs
 from sessionmgr.common.redis_client import create_redis
+from sessionmgr.common.redis_pipelined import create_pipelined_redis
 from sessionmgr.common.settings import load_settings
 from sessionmgr.common.tls import client_context
 from sessionmgr.gateway.auth import mint_token
@@ -166,6 +167,16 @@ async def test_redis_tls_checks_the_servers_certificate(stack: TlsStack, tmp_pat
             await bad.ping()
     finally:
         await bad.aclose()
+    # The worker's request-path connection checks the certificate the same way.
+    good_pipe = create_pipelined_redis(load_settings(stack.env))
+    bad_pipe = create_pipelined_redis(load_settings({**stack.env, "DB_TLS_CA": other_ca.ca_file}))
+    try:
+        assert await good_pipe.execute("PING") == b"PONG"
+        with pytest.raises(RedisConnectionError):
+            await bad_pipe.execute("PING")
+    finally:
+        await good_pipe.aclose()
+        await bad_pipe.aclose()
 
 
 async def test_refusals_and_limits_over_https(stack: TlsStack) -> None:
