@@ -11,7 +11,8 @@ Calls outside a sampled trace (warm starts, epoch fencing) get the metric only.
 from __future__ import annotations
 
 from time import perf_counter
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -22,6 +23,7 @@ from redis.asyncio.client import Pipeline
 from sessionmgr.common.metrics import REDIS_BUCKETS, LabelCache
 
 PIPELINE = "PIPELINE"
+T = TypeVar("T")
 
 
 class RedisObserver:
@@ -38,7 +40,26 @@ class RedisObserver:
         self._by_command: LabelCache[Any] = LabelCache(lambda c: self.duration.labels(command=c), limit=48, preset=(PIPELINE,))
         self._tracer = tracer or trace.get_tracer("sessionmgr.redis")
 
-    def start_span(self, command: str) -> Span | None:
+    async def observe(self, command: str, operation: Awaitable[T]) -> T:
+        """Await ``operation`` (one round trip running ``command``), timed and, inside a sampled
+        trace, under a client span: what every Redis client of ours reports through."""
+        span = self._start_span(command)
+        started = perf_counter()
+        error: BaseException | None = None
+        try:
+            return await operation
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._by_command[command].observe(perf_counter() - started)
+            if span is not None:
+                if error is not None:
+                    span.record_exception(error)
+                    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                span.end()
+
+    def _start_span(self, command: str) -> Span | None:
         parent = trace.get_current_span()
         # Only inside a sampled trace, and never a client span inside another client span.
         if not parent.is_recording() or getattr(parent, "kind", None) is SpanKind.CLIENT:
@@ -48,14 +69,6 @@ class RedisObserver:
             kind=SpanKind.CLIENT,
             attributes={"db.system": "redis", "db.system.name": "redis", "db.operation.name": command},
         )
-
-    def finish(self, command: str, started: float, span: Span | None, error: BaseException | None) -> None:
-        self._by_command[command].observe(perf_counter() - started)
-        if span is not None:
-            if error is not None:
-                span.record_exception(error)
-                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-            span.end()
 
 
 def _command_name(args: tuple[Any, ...]) -> str:
@@ -69,18 +82,7 @@ class ObservedRedis(Redis):
     sm_observer: RedisObserver
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        command = _command_name(args)
-        observer = self.sm_observer
-        span = observer.start_span(command)
-        started = perf_counter()
-        error: BaseException | None = None
-        try:
-            return await super().execute_command(*args, **options)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            observer.finish(command, started, span, error)
+        return await self.sm_observer.observe(_command_name(args), super().execute_command(*args, **options))
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         pipe = ObservedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
@@ -94,17 +96,7 @@ class ObservedPipeline(Pipeline):
     sm_observer: RedisObserver
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        observer = self.sm_observer
-        span = observer.start_span(PIPELINE)
-        started = perf_counter()
-        error: BaseException | None = None
-        try:
-            return await super().execute(raise_on_error)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            observer.finish(PIPELINE, started, span, error)
+        return await self.sm_observer.observe(PIPELINE, super().execute(raise_on_error))
 
 
 def observed_redis(pool: Any, observer: RedisObserver) -> ObservedRedis:

@@ -24,8 +24,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
-from time import perf_counter
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 import hiredis
@@ -40,11 +39,9 @@ _pack = hiredis.pack_command
 
 
 class CommandObserver(Protocol):
-    """What ``RedisObserver`` offers: a client span inside sampled traces, a duration per command."""
+    """What ``RedisObserver`` offers: each round trip timed by command (and traced when sampled)."""
 
-    def start_span(self, command: str) -> Any: ...
-
-    def finish(self, command: str, started: float, span: Any, error: BaseException | None) -> None: ...
+    def observe(self, command: str, operation: Awaitable[Any]) -> Awaitable[Any]: ...
 
 
 class PipelineFullError(RedisError):
@@ -192,20 +189,9 @@ class PipelinedRedis:
 
     async def execute(self, *args: Any) -> Any:
         """Run one command (``"HGET", key, field``); its reply as hiredis gives it (bytes, not str)."""
-        observer = self._observer
-        if observer is None:
+        if self._observer is None:
             return await self._send(args)
-        command = args[0]
-        span = observer.start_span(command)
-        started = perf_counter()
-        error: BaseException | None = None
-        try:
-            return await self._send(args)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            observer.finish(command, started, span, error)
+        return await self._observer.observe(args[0], self._send(args))
 
     async def _send(self, args: tuple[Any, ...]) -> Any:
         connection = self._connection

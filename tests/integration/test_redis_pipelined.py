@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -136,11 +137,14 @@ async def test_every_command_is_reported_by_name_with_its_error(server: RedisPro
     seen: list[tuple[str, str | None]] = []
 
     class Recorder:
-        def start_span(self, command: str) -> None:
-            return None
-
-        def finish(self, command: str, started: float, span: object, error: BaseException | None) -> None:
-            seen.append((command, None if error is None else type(error).__name__))
+        async def observe(self, command: str, operation: Awaitable[Any]) -> Any:
+            try:
+                result = await operation
+            except Exception as exc:
+                seen.append((command, type(exc).__name__))
+                raise
+            seen.append((command, None))
+            return result
 
     client = PipelinedRedis(host="127.0.0.1", port=server.port, observer=Recorder())
     try:
