@@ -32,8 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sessionmgr.common.settings import Settings
-from sessionmgr.common.tls import client_context
+from sessionmgr.common.write_coalescing import CoalescingTransport
 
 _pack = hiredis.pack_command
 
@@ -62,15 +61,14 @@ class _Connection(asyncio.Protocol):
         self._max_pending = max_pending
         self._reader = hiredis.Reader(replyError=_reply_error)
         self._waiters: deque[tuple[asyncio.Future[Any], float]] = deque()
-        self._buffer: list[bytes] = []
-        self._transport: asyncio.Transport | None = None
+        self._transport: CoalescingTransport | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
 
     # ---- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = CoalescingTransport(transport, self._loop)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -109,22 +107,14 @@ class _Connection(asyncio.Protocol):
         loop = self._loop
         future = loop.create_future()
         waiters.append((future, loop.time()))
-        if self._buffer:
-            self._buffer.append(packed)
-        elif len(waiters) > 1:
-            # Others are in flight: this pass may issue more, send them together after it.
-            self._buffer.append(packed)
-            loop.call_soon(self._flush)
-        else:
-            self._transport.write(packed)  # type: ignore[union-attr]
+        transport = self._transport
+        transport.write(packed)  # type: ignore[union-attr]
+        if len(waiters) == 1:
+            # Nothing else in flight: send now. Otherwise this pass may issue more; they go together after it.
+            transport.flush()  # type: ignore[union-attr]
         if self._watchdog is None:
             self._watchdog = loop.call_later(self._reply_timeout / 4, self._check_replies)
         return future
-
-    def _flush(self) -> None:
-        buffer, self._buffer = self._buffer, []
-        if buffer and not self.closed:
-            self._transport.write(b"".join(buffer))  # type: ignore[union-attr]
 
     def _check_replies(self) -> None:
         """A reply later than ``reply_timeout`` (a paused or stuck server) drops the connection."""
@@ -145,7 +135,6 @@ class _Connection(asyncio.Protocol):
 
     def _fail_all(self, error: RedisError) -> None:
         self.closed = True
-        self._buffer.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -251,19 +240,3 @@ class PipelinedScript:
         except NoScriptError:
             # Redis restarted or its script cache was flushed: EVAL runs it and caches it again.
             return await self._redis.execute("EVAL", self.text, len(keys), *keys, *args)
-
-
-def create_pipelined_redis(settings: Settings, observer: CommandObserver | None = None) -> PipelinedRedis:
-    """The worker's request-path connection, from the same settings (DB_*, DB_TLS*) as ``create_redis``;
-    with an ``observer``, every command is timed (and traced inside sampled traces)."""
-    return PipelinedRedis(
-        observer=observer,
-        host=settings.db_host,
-        port=settings.db_port,
-        password=settings.db_password,
-        db=settings.db_index,
-        ssl_context=client_context(settings.db_tls_ca) if settings.db_tls else None,
-        # The same bounds as the pooled client's socket timeouts.
-        connect_timeout=1.0,
-        reply_timeout=1.0,
-    )

@@ -35,8 +35,7 @@ from sessionmgr.common.errors import (
 )
 from sessionmgr.common.ids import is_valid_idempotency_key, is_valid_session_id
 from sessionmgr.common.natsauth import connect_options
-from sessionmgr.common.redis_client import create_redis
-from sessionmgr.common.redis_pipelined import create_pipelined_redis
+from sessionmgr.common.redis_client import create_pipelined_redis, create_redis
 from sessionmgr.common.models import Heartbeat, ReleaseShard, ShardMap, WorkerBye, json_encoder, shard_map_decoder
 from sessionmgr.common.settings import Settings
 from sessionmgr.common.streams import ensure_streams, request_status_bucket

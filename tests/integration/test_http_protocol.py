@@ -11,7 +11,8 @@ import pytest
 import uvicorn
 
 from sessionmgr.common import procs
-from sessionmgr.gateway.http_protocol import CoalescingHttpToolsProtocol, CoalescingTransport
+from sessionmgr.common.write_coalescing import CoalescingTransport
+from sessionmgr.gateway.http_protocol import CoalescingHttpToolsProtocol
 
 BODY = b'{"ok":true}'
 

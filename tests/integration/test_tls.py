@@ -24,8 +24,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from sessionmgr.common import natsauth, procs
-from sessionmgr.common.redis_client import create_redis
-from sessionmgr.common.redis_pipelined import create_pipelined_redis
+from sessionmgr.common.redis_client import create_pipelined_redis, create_redis
 from sessionmgr.common.settings import load_settings
 from sessionmgr.common.tls import client_context
 from sessionmgr.gateway.auth import mint_token
