@@ -144,8 +144,8 @@ class RateLimiter:
                     return
             else:
                 return
-            if len(self._refills) < _MAX_LEASES:
-                refill = self._refills[user_id] = asyncio.get_running_loop().create_future()
+            # Entries live only while their call is in flight: bounded by the requests in flight.
+            refill = self._refills[user_id] = asyncio.get_running_loop().create_future()
         try:
             if create:
                 verdict, value = await self._run(user_id, create=True)
