@@ -213,13 +213,11 @@ class SessionStore:
         pipe = self._redis.pipeline(transaction=False)
         for sid in session_ids:
             pipe.hget(session_key(self.shard_of(sid), sid), "d")
-        raws = await pipe.execute()
-        return [None if raw is None else session_decoder.decode(raw) for raw in raws]
+        return _decode_sessions(await pipe.execute())
 
     async def _load_page(self, session_ids: list[str]) -> list[Session | None]:
         # One listing page (at most 201 reads: pages are capped at 200); issued together, they leave in one write.
-        raws = await asyncio.gather(*(self._pipe.execute("HGET", session_key(self.shard_of(sid), sid), "d") for sid in session_ids))
-        return [None if raw is None else session_decoder.decode(raw) for raw in raws]
+        return _decode_sessions(await asyncio.gather(*(self._pipe.execute("HGET", session_key(self.shard_of(sid), sid), "d") for sid in session_ids)))
 
     async def shard_session_ids(self, shard: int, limit: int) -> list[str]:
         members = await self._redis.srandmember(shard_index_key(shard), limit)
@@ -371,6 +369,10 @@ class SessionStore:
                 await self._pipe.execute("ZREM", key, *dead)
             start = b"(" + members[-1]
         return sessions, None
+
+
+def _decode_sessions(raws: Sequence[bytes | None]) -> list[Session | None]:
+    return [None if raw is None else session_decoder.decode(raw) for raw in raws]
 
 
 def _index_member(session: Session) -> str:
