@@ -65,7 +65,7 @@ async def test_stale_epoch_cannot_write_once_a_newer_owner_fenced_the_shard(stor
     assert (await _write(store, shard, base + 1, sid, 1, 2)).status == "OK"
 
 
-async def test_writes_issued_together_are_pipelined_in_order_and_survive_a_script_flush(store: SessionStore, redis: Redis) -> None:
+async def test_writes_issued_together_keep_their_order_and_survive_a_script_flush(store: SessionStore, redis: Redis) -> None:
     sids = [uuid.uuid4().hex for _ in range(20)]
     await redis.script_flush()  # the pipelined EVALSHAs meet NOSCRIPT and are rerun as EVAL
     outcomes = await asyncio.gather(*(_write(store, store.shard_of(s), 0, s, ABSENT, 1) for s in sids))
