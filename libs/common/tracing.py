@@ -53,6 +53,11 @@ def _otlp_endpoint_configured() -> bool:
     return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
+# Reading or writing ``traceparent`` directly is right only with the SDK's default propagators (read once:
+# the SDK itself reads OTEL_PROPAGATORS once, at import).
+_DEFAULT_PROPAGATORS = os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage").replace(" ", "") == "tracecontext,baggage"
+
+
 def inject_trace_headers(headers: dict[str, str]) -> dict[str, str]:
     """The current trace context as W3C headers: ``traceparent`` (and ``tracestate``, ``baggage``)."""
     if _DEFAULT_PROPAGATORS:
@@ -104,9 +109,6 @@ def unsampled_root_span(tracer: Tracer) -> trace.Span | None:
     return trace.NonRecordingSpan(context)
 
 
-# Reading ``traceparent`` directly is right only with the SDK's default propagators (read once:
-# the SDK itself reads OTEL_PROPAGATORS once, at import).
-_DEFAULT_PROPAGATORS = os.environ.get("OTEL_PROPAGATORS", "tracecontext,baggage").replace(" ", "") == "tracecontext,baggage"
 # A W3C trace context; flags "00" or "02" (random trace ID, as the SDK sends) are unsampled.
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
