@@ -321,7 +321,7 @@ class SessionStore:
 
     async def expired_candidates(self, shard: int, now_ms: int, limit: int = 200) -> list[tuple[str, str]]:
         """(session_id, user_id) of sessions whose expiry time has passed."""
-        members = await self._redis.zrangebyscore(expiry_index_key(shard), "-inf", now_ms, start=0, num=limit)
+        members = await self._pipe.execute("ZRANGEBYSCORE", expiry_index_key(shard), "-inf", now_ms, "LIMIT", 0, limit)
         return [tuple(m.decode().split("|", 1)) for m in members]  # type: ignore[misc]
 
     async def confirm_expired(self, shard: int, epoch: int, session_id: str, user_id: str) -> bool:
