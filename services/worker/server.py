@@ -261,7 +261,7 @@ class Worker:
             self.metrics.observe_request(op, duration, error_code)
             emit = log.info if logged_here else log.debug
             emit("request_handled", outcome=outcome, error_code=error_code, duration_ms=round(duration * 1000, 2), **trace_ids)
-            structlog.contextvars.unbind_contextvars("session_id", "request_id", "op")
+            # No unbind: each request runs in a task of its own (_on_request), whose context copy dies with it.
 
     async def _handle(self, call: Call, shard: int, headers: dict[str, str]) -> tuple[Reply, bool]:
         """Apply the call, or queue it when Redis is away (degraded mode); reads may be stale then."""

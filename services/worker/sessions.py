@@ -333,7 +333,8 @@ class SessionService:
         return shard, epoch
 
     async def mutate(self, call: Call, compute: Compute) -> Reply:
-        body_hash = hashlib.blake2b(call.op.encode() + b"\x00" + call.payload, digest_size=16).hexdigest()
+        # Only an Idempotency-Key's record (and its replay) compares request bodies.
+        body_hash = hashlib.blake2b(call.op.encode() + b"\x00" + call.payload, digest_size=16).hexdigest() if call.idem_key else ""
         for _ in range(_MAX_VERSION_RETRIES):
             shard, epoch = self.owner_epoch(call.session_id)
             current = await self.current(call.session_id)
