@@ -40,6 +40,7 @@ from sessionmgr.gateway.auth import mint_token
 # bench/ is the script's directory, so its modules import by their bare names.
 from harness import HarnessError, run_children
 from httpload import HttpSpec, build_request, fetch_all, http_child
+from natsload import CLIENTS as NATS_CLIENTS
 from natsload import NatsSpec, incr_requests, nats_child
 from report import LoadOutcome, ResultsFile, ScenarioResult, print_table, summarize_latencies, with_other
 from scaling import run_scaling
@@ -93,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline", action="store_true", help="also run every scenario against bench/baseline_app.py and print system/baseline ratios")
     parser.add_argument("--nats-direct", action="store_true", help="also drive sessions.<sid>.context.incr over NATS with 64 and 256 requests in flight")
     parser.add_argument("--generator", default="auto", choices=("auto", "wrk", "python"), help="load generator: wrk if installed (auto), or the Python one")
+    parser.add_argument(
+        "--nats-generator", default="lean", choices=NATS_CLIENTS,
+        help="client of --nats-direct's generator: lean (bench/natsproto.py, default) or nats-py (~4x its CPU per request)",
+    )  # fmt: skip
     parser.add_argument("--gen-procs", type=int, default=1, help="processes of the Python load generator (default 1)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds before a request counts as a transport error (default 10)")
     parser.add_argument(
@@ -312,7 +317,10 @@ def _warn_if_generator_bound(result: ScenarioResult, ctx: Context) -> None:
 def _nats_direct_slice(target: Target, session_ids: list[str], in_flight: int, duration_s: float, ctx: Context) -> ScenarioResult:
     ctx.out.write(f"  nats-direct: context.incr ({in_flight} in flight, {duration_s:g} s) ...")
     ctx.out.flush()
-    spec = NatsSpec(url=target.nats_url, requests=incr_requests(session_ids), in_flight=in_flight, timeout_s=ctx.args.timeout, seed=in_flight)  # type: ignore[arg-type]
+    spec = NatsSpec(
+        url=target.nats_url, requests=incr_requests(session_ids), in_flight=in_flight, timeout_s=ctx.args.timeout, seed=in_flight,  # type: ignore[arg-type]
+        client=ctx.args.nats_generator,
+    )  # fmt: skip
     raw, cpu = run_children(nats_child, [spec], warmup_s=ctx.args.warmup, duration_s=duration_s, roles=target.roles)
     outcome = merge_outcomes(raw, duration_s)
     ctx.out.write(f" {outcome.rps:,.0f} req/s\n")
@@ -321,12 +329,16 @@ def _nats_direct_slice(target: Target, session_ids: list[str], in_flight: int, d
         scenario=f"nats-incr-{in_flight}",
         label="sessions.<sid>.context.incr",
         connections=in_flight,
-        generator="nats-py",
+        generator=nats_generator_name(ctx.args.nats_generator),
         outcome=outcome,
         cpu_s=with_other(cpu, outcome.loadgen_cpu_s),
         processes={role: len(pids) for role, pids in target.roles.items()},
         extra=merge_errors(raw),
     )
+
+
+def nats_generator_name(client: str) -> str:
+    return "nats-lean" if client == "lean" else client
 
 
 def run_nats_direct(target: Target, pool: list[PoolEntry], tokens: list[str], ctx: Context) -> tuple[list[ScenarioResult], list[float]]:
@@ -476,7 +488,7 @@ def _git_commit() -> str | None:
 def run_settings(args: argparse.Namespace, generator: str) -> dict[str, Any]:
     keys = (
         "quick", "duration", "warmup", "connections", "sessions", "workers", "gateways", "log_level",
-        "url", "nats_url", "baseline", "nats_direct", "gen_procs", "timeout", "send_text_sessions", "scaling",
+        "url", "nats_url", "baseline", "nats_direct", "nats_generator", "gen_procs", "timeout", "send_text_sessions", "scaling",
     )  # fmt: skip
     return {
         **{key: getattr(args, key) for key in keys},
@@ -577,7 +589,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         if args.nats_direct:
             nats_results, direct_ratios = run_nats_direct(target, pools[target.name], user_tokens(secret, args.sessions), ctx)
             all_results += nats_results
-            print_table("NATS direct (nats-py request/reply in its own process; connections = requests in flight)", nats_results, out)
+            generator_name = nats_generator_name(args.nats_generator)
+            print_table(f"NATS direct (load from {generator_name} in its own process; connections = requests in flight)", nats_results, out)
             print_direct_ratio(direct_ratios, ctx)
     finally:
         stopping = time.monotonic()

@@ -113,7 +113,10 @@ def measure(shape: Shape, args: argparse.Namespace, secret: str, workdir: Path) 
         direct_rps = None
         if shape.gateways == 1 and shape.sessions <= API_POOL_MAX:
             # A NATS-only deployment has no gateway: on the same cores it would run more workers.
-            nats_spec = NatsSpec(url=target.nats_url, requests=incr_requests([e.session_id for e in pool]), in_flight=64, timeout_s=args.timeout, seed=64)
+            nats_spec = NatsSpec(
+                url=target.nats_url, requests=incr_requests([e.session_id for e in pool]), in_flight=64, timeout_s=args.timeout, seed=64,
+                client=args.nats_generator,
+            )  # fmt: skip
             raw, _ = run_children(nats_child, [nats_spec], warmup_s=max(args.warmup, 1.0), duration_s=args.duration, roles=target.roles)
             direct_rps = merge_outcomes(raw, args.duration).rps
         return ScalingRow(shape, outcome.rps, outcome.p50_ms, outcome.p99_ms, outcome.errors, per_request, round(pool_seconds, 1), direct_rps)
