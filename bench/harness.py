@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from report import cpu_delta, cpu_snapshot
+from report import cpu_delta, cpu_seconds, cpu_snapshot
 
 # (spec, window) -> that child's partial result; must be a module-level function (it is pickled).
 ChildFn = Callable[[Any, "Window"], dict[str, Any]]
@@ -110,3 +110,22 @@ def run_children(
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
+
+
+def wait_until_quiet(pids: list[int], *, quiet_s: float = 1.0, timeout_s: float = 10.0, busy_share: float = 0.1) -> float:
+    """Wait until ``pids`` together used less than ``busy_share`` of a core for ``quiet_s`` (work a
+    previous load left behind, such as delayed acks, is done); the seconds waited. Gives up after
+    ``timeout_s``: a process that never goes quiet should not stall the run."""
+    started = time.monotonic()
+    quiet_since = started
+    last = sum(cpu_seconds(pid) or 0.0 for pid in pids)
+    step = min(0.25, quiet_s / 2)
+    while time.monotonic() - started < timeout_s:
+        time.sleep(step)
+        now = sum(cpu_seconds(pid) or 0.0 for pid in pids)
+        if now - last > busy_share * step:
+            quiet_since = time.monotonic()
+        last = now
+        if time.monotonic() - quiet_since >= quiet_s:
+            break
+    return time.monotonic() - started

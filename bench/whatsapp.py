@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 import psutil
-from harness import run_children
+from harness import run_children, wait_until_quiet
 from httpload import HttpSpec, build_request, http_child
 from natsload import NatsSpec, create_sessions, nats_child
 from report import ResultsFile, ScenarioResult, print_table, with_other
@@ -156,19 +156,8 @@ def rss_mb(pid: int) -> float:
 
 def settled_rss_mb(pid: int, *, quiet_s: float = 2.0, timeout_s: float = 30.0) -> float:
     """The worker's RSS once it has stopped working (CPU idle for ``quiet_s``): acks and writes done."""
-    proc = psutil.Process(pid)
-    deadline = time.monotonic() + timeout_s
-    quiet_since = time.monotonic()
-    last_cpu = sum(proc.cpu_times()[:2])
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        cpu = sum(proc.cpu_times()[:2])
-        if cpu - last_cpu > 0.05:  # more than 10 % of a core in the last half second: still busy
-            quiet_since = time.monotonic()
-        last_cpu = cpu
-        if time.monotonic() - quiet_since >= quiet_s:
-            break
-    return proc.memory_info().rss / 2**20
+    wait_until_quiet([pid], quiet_s=quiet_s, timeout_s=timeout_s)
+    return rss_mb(pid)
 
 
 @dataclass
