@@ -42,6 +42,11 @@ class NatsSpec:
 CLIENTS = ("lean", "nats-py")
 
 
+def generator_label(client: str) -> str:
+    """The generator's name in tables and results files."""
+    return "nats-lean" if client == "lean" else client
+
+
 def incr_requests(session_ids: list[str]) -> list[tuple[str, bytes]]:
     return [(f"sessions.{sid}.context.incr", INCR_PAYLOAD) for sid in session_ids]
 

@@ -41,7 +41,7 @@ from sessionmgr.gateway.auth import mint_token
 from harness import HarnessError, run_children, wait_until_quiet
 from httpload import HttpSpec, build_request, fetch_all, http_child
 from natsload import CLIENTS as NATS_CLIENTS
-from natsload import NatsSpec, incr_requests, nats_child
+from natsload import NatsSpec, generator_label, incr_requests, nats_child
 from report import LoadOutcome, ResultsFile, ScenarioResult, print_table, summarize_latencies, with_other
 from scaling import run_scaling
 from send_text import prepare_working, send_requests
@@ -329,16 +329,12 @@ def _nats_direct_slice(target: Target, session_ids: list[str], in_flight: int, d
         scenario=f"nats-incr-{in_flight}",
         label="sessions.<sid>.context.incr",
         connections=in_flight,
-        generator=nats_generator_name(ctx.args.nats_generator),
+        generator=generator_label(spec.client),
         outcome=outcome,
         cpu_s=with_other(cpu, outcome.loadgen_cpu_s),
         processes={role: len(pids) for role, pids in target.roles.items()},
         extra=merge_errors(raw),
     )
-
-
-def nats_generator_name(client: str) -> str:
-    return "nats-lean" if client == "lean" else client
 
 
 def run_nats_direct(target: Target, pool: list[PoolEntry], tokens: list[str], ctx: Context) -> tuple[list[ScenarioResult], list[float]]:
@@ -592,8 +588,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         if args.nats_direct:
             nats_results, direct_ratios = run_nats_direct(target, pools[target.name], user_tokens(secret, args.sessions), ctx)
             all_results += nats_results
-            generator_name = nats_generator_name(args.nats_generator)
-            print_table(f"NATS direct (load from {generator_name} in its own process; connections = requests in flight)", nats_results, out)
+            print_table(f"NATS direct (load from {generator_label(args.nats_generator)} in its own process; connections = requests in flight)", nats_results, out)
             print_direct_ratio(direct_ratios, ctx)
         all_results += run_send_text(target, pools[target.name], ctx)
     finally:

@@ -35,7 +35,7 @@ import msgspec
 import psutil
 from harness import run_children, wait_until_quiet
 from httpload import HttpSpec, build_request, http_child
-from natsload import NatsSpec, create_sessions, nats_child
+from natsload import NatsSpec, create_sessions, generator_label, nats_child
 from report import ResultsFile, ScenarioResult, print_table, with_other
 from run import merge_errors, merge_outcomes, user_tokens
 from stacks import StackError, SystemStack, Target
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
         requests = [(f"sessions.{sid}.message.send_text", send_payload(index_of[sid], count)) for sid in working]
         spec = NatsSpec(url=target.nats_url, requests=requests, in_flight=args.in_flight, timeout_s=args.timeout, seed=1)
         raw, cpu = run_children(nats_child, [spec], warmup_s=args.warmup, duration_s=args.duration, roles=target.roles)
-        rows.append(_row(target, "sessions.<sid>.message.send_text", "wa-send-nats", args.in_flight, "nats-py", raw, cpu, args.duration, len(working)))
+        rows.append(_row(target, "sessions.<sid>.message.send_text", "wa-send-nats", args.in_flight, generator_label(spec.client), raw, cpu, args.duration, len(working)))
         out.write(f" {rows[-1].outcome.rps:,.0f} req/s\n")
         if args.http:
             token_by_user = dict(zip(users, tokens, strict=True))
