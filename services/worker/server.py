@@ -250,7 +250,7 @@ class Worker:
                     await self._respond_error(msg, error)
                 except _STORAGE_ERRORS as exc:
                     outcome, error_code = "error", StorageUnavailableError.code
-                    log.warning("storage_unavailable", error=str(exc))
+                    log.warning("storage_unavailable", error_type=type(exc).__name__, error=str(exc), queued=False)
                     await self._respond_error(msg, StorageUnavailableError())
                 except Exception:
                     outcome, error_code = "error", InternalError.code
@@ -276,7 +276,7 @@ class Worker:
             if not mutating:
                 raise
             # Why this change (and the shard's next ones) go to the queue instead of Redis.
-            log.warning("storage_unavailable", error_type=type(exc).__name__, error=str(exc))
+            log.warning("storage_unavailable", error_type=type(exc).__name__, error=str(exc), queued=True)
             return await self.degraded.enqueue(call, shard, _forwarded(headers)), False
         return reply, not mutating and (self.degraded.redis_down or self.degraded.is_degraded(shard))
 

@@ -180,9 +180,10 @@ def decode_record(raw: bytes) -> IdempotencyRecord:
 
 class SessionStore:
     """Everything a request does goes over the ``pipelined`` connection: no pool to wait for, so a
-    burst can never turn a busy pool into "Redis unavailable" (and degraded mode). The pooled
-    ``redis`` serves what runs beside requests: taking shards, warm starts (thousands of reads at
-    once), the expiry sweep."""
+    burst can never turn a busy pool into "Redis unavailable" (and degraded mode); so do the expiry
+    sweep's index reads (64 shards in one round trip). The pooled ``redis`` serves what runs beside
+    requests and may take long: taking shards, warm starts (thousands of reads at once), confirming
+    an expiry."""
 
     def __init__(self, redis: Redis, pipelined: PipelinedRedis, *, shard_count: int) -> None:
         self._redis = redis
