@@ -14,6 +14,7 @@ scale-out.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -79,8 +80,6 @@ def _prime_users(target: Any, pool: list[Any], host: str, timeout_s: float) -> N
     a running system has paid them long before. Pools made over NATS never went through a gateway,
     and with 5,000 users a 10 s window would otherwise measure mostly first requests.
     """
-    import asyncio
-
     first_per_user = list({e.token: e for e in pool}.values())
     requests = [build_request("GET", f"/sessions/{e.session_id}", host, e.token) for e in first_per_user]
     for address in target.addresses:

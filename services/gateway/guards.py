@@ -1,7 +1,8 @@
 """Runs before every session route: authenticate (loading JWKS keys off the loop), then rate limit.
 
-The Litestar handlers authenticate again through the verifier's token cache (one dict lookup);
-the fast path uses the principal this returns. It runs first so that 401 and 429 come before any body is parsed or any message is sent.
+It runs first so that 401 and 429 come before any body is parsed or any message is sent. The
+fast path uses the principal it returns; the Litestar handlers authenticate again through the
+verifier's token cache (one dict lookup).
 
 Three entry points with one body, :func:`authenticate_and_limit_request`: a ``before_request``
 hook, :func:`authenticate_before_request` (it runs before Litestar parses the handler's

@@ -147,8 +147,6 @@ async def _forward_to(state: GatewayState, session_id: str, op: str, payload: by
 
 
 # The two hot routes, shared by their Litestar handlers and the fast path (sessionmgr.gateway.fastpath).
-
-
 # ``principal`` has passed require_reader; ``request_headers`` have lower-case names.
 
 
