@@ -37,12 +37,12 @@ class _UtcTimestamper:
         self._prefix = ""
 
     def __call__(self, _: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        now = time.time()
-        second = int(now)
+        # Integer nanoseconds: a float's rounding could put a line a microsecond before its time.
+        second, nanos = divmod(time.time_ns(), 1_000_000_000)
         if second != self._second:
             self._second = second
             self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-        event_dict["timestamp"] = f"{self._prefix}{int((now - second) * 1_000_000):06d}Z"
+        event_dict["timestamp"] = f"{self._prefix}{nanos // 1000:06d}Z"
         return event_dict
 
 

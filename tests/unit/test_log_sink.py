@@ -1,10 +1,13 @@
-"""The JSON log sink: the lines of one event-loop pass in one write, none lost or reordered."""
+"""The JSON log sink: the lines of one event-loop pass in one write, none lost or reordered; and
+the timestamps the lines carry."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+from datetime import UTC, datetime
 
-from sessionmgr.common.logging import LoopBatchedBytesLogger
+from sessionmgr.common.logging import LoopBatchedBytesLogger, _UtcTimestamper
 
 
 class RecordingFile:
@@ -58,11 +61,6 @@ def test_lines_queued_on_a_loop_that_stopped_are_written_with_the_next_ones() ->
 
 
 def test_timestamps_are_iso_8601_utc_with_microseconds_and_follow_the_clock() -> None:
-    import re
-    from datetime import UTC, datetime
-
-    from sessionmgr.common.logging import _UtcTimestamper
-
     stamp = _UtcTimestamper()
     before = datetime.now(UTC)
     first = stamp(None, "info", {})["timestamp"]
