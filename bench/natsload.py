@@ -51,6 +51,11 @@ def incr_requests(session_ids: list[str]) -> list[tuple[str, bytes]]:
     return [(f"sessions.{sid}.context.incr", INCR_PAYLOAD) for sid in session_ids]
 
 
+def incr_spec(url: str, session_ids: list[str], in_flight: int, *, timeout_s: float, client: str) -> NatsSpec:
+    """``context.incr`` on sessions picked at random from ``session_ids``, ``in_flight`` at a time."""
+    return NatsSpec(url=url, requests=incr_requests(session_ids), in_flight=in_flight, timeout_s=timeout_s, seed=in_flight, client=client)
+
+
 def nats_child(spec: NatsSpec, window: Window) -> dict[str, Any]:
     """Entry point of the NATS generator process (see harness.run_children)."""
     try:

@@ -41,7 +41,7 @@ from sessionmgr.gateway.auth import mint_token
 from harness import HarnessError, run_children, wait_until_quiet
 from httpload import HttpSpec, build_request, fetch_all, http_child
 from natsload import CLIENTS as NATS_CLIENTS
-from natsload import NatsSpec, generator_label, incr_requests, nats_child
+from natsload import generator_label, incr_spec, nats_child
 from report import LoadOutcome, ResultsFile, ScenarioResult, print_table, summarize_latencies, with_other
 from scaling import run_scaling
 from send_text import prepare_working, send_requests
@@ -317,10 +317,7 @@ def _warn_if_generator_bound(result: ScenarioResult, ctx: Context) -> None:
 def _nats_direct_slice(target: Target, session_ids: list[str], in_flight: int, duration_s: float, ctx: Context) -> ScenarioResult:
     ctx.out.write(f"  nats-direct: context.incr ({in_flight} in flight, {duration_s:g} s) ...")
     ctx.out.flush()
-    spec = NatsSpec(
-        url=target.nats_url, requests=incr_requests(session_ids), in_flight=in_flight, timeout_s=ctx.args.timeout, seed=in_flight,  # type: ignore[arg-type]
-        client=ctx.args.nats_generator,
-    )  # fmt: skip
+    spec = incr_spec(target.nats_url, session_ids, in_flight, timeout_s=ctx.args.timeout, client=ctx.args.nats_generator)  # type: ignore[arg-type]
     raw, cpu = run_children(nats_child, [spec], warmup_s=ctx.args.warmup, duration_s=duration_s, roles=target.roles)
     outcome = merge_outcomes(raw, duration_s)
     ctx.out.write(f" {outcome.rps:,.0f} req/s\n")

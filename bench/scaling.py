@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from harness import run_children
 from httpload import HttpSpec, build_request, fetch_all, http_child
-from natsload import NatsSpec, create_sessions, incr_requests, nats_child
+from natsload import create_sessions, incr_spec, nats_child
 from report import ResultsFile
 
 from sessionmgr.common.ids import new_session_id
@@ -112,10 +112,7 @@ def measure(shape: Shape, args: argparse.Namespace, secret: str, workdir: Path) 
         direct_rps = None
         if shape.gateways == 1 and shape.sessions <= API_POOL_MAX:
             # A NATS-only deployment has no gateway: on the same cores it would run more workers.
-            nats_spec = NatsSpec(
-                url=target.nats_url, requests=incr_requests([e.session_id for e in pool]), in_flight=64, timeout_s=args.timeout, seed=64,
-                client=args.nats_generator,
-            )  # fmt: skip
+            nats_spec = incr_spec(target.nats_url, [e.session_id for e in pool], 64, timeout_s=args.timeout, client=args.nats_generator)
             raw, _ = run_children(nats_child, [nats_spec], warmup_s=max(args.warmup, 1.0), duration_s=args.duration, roles=target.roles)
             direct_rps = merge_outcomes(raw, args.duration).rps
         return ScalingRow(shape, outcome.rps, outcome.p50_ms, outcome.p99_ms, outcome.errors, per_request, round(pool_seconds, 1), direct_rps)
